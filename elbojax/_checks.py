@@ -1,0 +1,82 @@
+"""Trace-time argument checks shared by the public functions.
+
+Everything here runs on static information (Python values, shapes and dtypes), so it works
+under `jax.jit` and raises before anything is compiled. Values inside traced arrays cannot be
+checked here; the host boundary (loaders, training loops, the command line) checks those.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_positive_int(value: Any, name: str) -> int:
+    """Return `value` as an `int` if it is a static integer >= 1, else raise."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be a static Python int (it fixes array shapes), got a traced "
+            f"value {value}. Mark it static, e.g. `jax.jit(f, static_argnames='{name}')`."
+        )
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int >= 1, got {value!r} of type {type(value).__name__}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value}.")
+    return int(value)
+
+
+def check_optional_positive_int(value: Any, name: str) -> int | None:
+    """Like `check_positive_int`, but `None` passes through."""
+    return None if value is None else check_positive_int(value, name)
+
+
+def check_key(key: Any, name: str = "key") -> None:
+    """Require one JAX PRNG key: a typed key of shape `()` or a raw `uint32[2]` key."""
+    dtype = getattr(key, "dtype", None)
+    shape = getattr(key, "shape", None)
+    if dtype is None:
+        raise TypeError(
+            f"`{name}` must be a JAX PRNG key (e.g. `jax.random.key(0)`), got {type(key).__name__}."
+        )
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape != ():
+            raise ValueError(
+                f"`{name}` must be a single PRNG key of shape (), got a key array of shape "
+                f"{shape}. Batch over keys with `jax.vmap`."
+            )
+        return
+    if dtype == jnp.uint32 and shape == (2,):
+        return
+    raise TypeError(
+        f"`{name}` must be a single JAX PRNG key (`jax.random.key(0)`, or a raw uint32[2] from "
+        f"`jax.random.PRNGKey(0)`), got an array of dtype {dtype} and shape {shape}."
+    )
+
+
+def check_callable(fn: Any, name: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"`{name}` must be callable, got {type(fn).__name__}.")
+
+
+def check_scalar_output(fn, args, name: str) -> None:
+    """Trace `fn(*args)` abstractly and require a scalar floating-point result."""
+    out = jax.eval_shape(fn, *args)
+    shape = getattr(out, "shape", None)
+    dtype = getattr(out, "dtype", None)
+    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        got = f"shape {shape} and dtype {dtype}" if shape is not None else type(out).__name__
+        raise ValueError(
+            f"`{name}(x, z)` must return one floating-point scalar for ONE latent sample z "
+            f"(elbojax vmaps it over samples), got {got}."
+        )
+
+
+def check_array_shape(array: Any, expected: tuple[int, ...], name: str) -> None:
+    """Require `jnp.shape(array) == expected`, with a message that shows both."""
+    shape = jnp.shape(array)
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"`{name}` must have shape {tuple(expected)}, got {tuple(shape)}.")

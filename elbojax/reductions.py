@@ -1,0 +1,112 @@
+r"""Stable reductions of log-weights: log-mean-exp, a running log-sum-exp, the Kish ESS.
+
+A set of log-weights $\ell_1, \dots, \ell_K$ is summarised by three numbers that combine
+across chunks without keeping the set:
+
+* the running maximum $m$ (held without gradient; the result does not depend on it),
+* $s = \sum_k e^{\ell_k - \tilde m}$ with $\tilde m = m$ where finite and 0 otherwise,
+* the plain sum $t = \sum_k \ell_k$.
+
+Then $\log\sum_k e^{\ell_k} = \tilde m + \log s$ and $\frac1K\sum_k \ell_k = t / K$.
+All $\ell_k = -\infty$ gives $s = 0$ and a log-sum-exp of $-\infty$, never NaN; a NaN
+log-weight makes the maximum NaN and so the result NaN: it propagates, it never vanishes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class LogWeightSummary(NamedTuple):
+    """Running summary of a set of log-weights (all fields are scalars of the weights' dtype).
+
+    Attributes:
+      max: the largest log-weight seen so far, without gradient; $-\infty$ for none.
+      scaled_sum_exp: $\sum_k \exp(\ell_k - \tilde m)$, with $\tilde m$ = `max` where finite, else 0.
+      total: $\sum_k \ell_k$.
+    """
+
+    max: jax.Array
+    scaled_sum_exp: jax.Array
+    total: jax.Array
+
+
+def _finite_or_zero(m):
+    return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
+
+
+def summarize(log_weights: jax.Array) -> LogWeightSummary:
+    """Summarise a 1-D array of log-weights (shape `(K,)`)."""
+    m = jax.lax.stop_gradient(jnp.max(log_weights))
+    scaled = jnp.sum(jnp.exp(log_weights - _finite_or_zero(m)))
+    return LogWeightSummary(m, scaled, jnp.sum(log_weights))
+
+
+def combine(a: LogWeightSummary, b: LogWeightSummary) -> LogWeightSummary:
+    """Summary of the union of two sets of log-weights."""
+    m = jnp.maximum(a.max, b.max)
+    shift = _finite_or_zero(m)
+    # Each factor is exp(m_old - m_new) <= 1. Clipping the exponent at 0 only acts where an old
+    # maximum was -inf (its scaled sum is 0) or the new one is +inf, and keeps 0 * inf out.
+    scale_a = jnp.exp(jnp.minimum(_finite_or_zero(a.max) - shift, 0.0))
+    scale_b = jnp.exp(jnp.minimum(_finite_or_zero(b.max) - shift, 0.0))
+    return LogWeightSummary(
+        m, a.scaled_sum_exp * scale_a + b.scaled_sum_exp * scale_b, a.total + b.total
+    )
+
+
+def summary_logsumexp(summary: LogWeightSummary) -> jax.Array:
+    r"""$\log \sum_k e^{\ell_k}$ from a summary."""
+    return _finite_or_zero(summary.max) + jnp.log(summary.scaled_sum_exp)
+
+
+def logmeanexp(a: jax.Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False):
+    r"""Stable $\log \frac1n \sum_i e^{a_i}$ over `axis` (all axes when `None`).
+
+    Args:
+      a: array of log-values.
+      axis: the axis or axes to reduce.
+      keepdims: keep the reduced axes with size 1.
+
+    Returns:
+      `logsumexp(a, axis) - log n`, where `n` is the number of reduced entries. All $-\infty$
+      gives $-\infty$ (not NaN).
+    """
+    a = jnp.asarray(a)
+    axes = tuple(range(a.ndim)) if axis is None else (axis,) if isinstance(axis, int) else axis
+    count = math.prod(a.shape[ax] for ax in axes)
+    if count == 0:
+        raise ValueError(f"`logmeanexp` needs at least one entry along axis {axis}, got shape {a.shape}.")
+    return jax.nn.logsumexp(a, axis=axis, keepdims=keepdims) - math.log(count)
+
+
+def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
+    r"""Kish's effective sample size of the self-normalised weights.
+
+    $$\mathrm{ESS} = \frac{\left(\sum_k w_k\right)^2}{\sum_k w_k^2}
+      = \exp\!\big(2\,\mathrm{LSE}(\ell) - \mathrm{LSE}(2\ell)\big),\qquad w_k = e^{\ell_k},$$
+
+    between 1 (one weight dominates) and $K$ (equal weights). Computed in log space, so it is
+    exact for log-weights far outside float range.
+
+    Args:
+      log_weights: array whose `axis` holds the $K$ log-weights.
+      axis: the sample axis.
+
+    Returns:
+      The ESS, with `axis` reduced. 0 where every weight is zero (all log-weights $-\infty$).
+
+    References:
+      Kish, *Survey Sampling*, 1965; Owen, *Monte Carlo theory, methods and examples*, ch. 9.
+    """
+    log_weights = jnp.asarray(log_weights)
+    lse = jax.nn.logsumexp(log_weights, axis=axis)
+    lse_sq = jax.nn.logsumexp(2.0 * log_weights, axis=axis)
+    all_zero = jnp.isneginf(lse)
+    # Both log-sum-exps are -inf together; mask them so that no inf - inf NaN is formed.
+    ess = jnp.exp(2.0 * jnp.where(all_zero, 0.0, lse) - jnp.where(all_zero, 0.0, lse_sq))
+    return jnp.where(all_zero, jnp.zeros_like(ess), ess)
