@@ -131,7 +131,7 @@ def _log_weight_term(x, log_joint) -> TermFn:
 
 
 def _log_mean_weight(key, x, log_joint, proposal, num_samples, chunk_size):
-    """$\log \frac1K \sum_k w_k$: the reduction behind IWAE, IS and naive Monte Carlo."""
+    r"""$\log \frac1K \sum_k w_k$: the reduction behind IWAE, IS and naive Monte Carlo."""
     summary = _summary(key, proposal, _log_weight_term(x, log_joint), num_samples, chunk_size)
     return summary_logsumexp(summary) - math.log(num_samples)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 
 class LogWeightSummary(NamedTuple):
-    """Running summary of a set of log-weights (all fields are scalars of the weights' dtype).
+    r"""Running summary of a set of log-weights (all fields are scalars of the weights' dtype).
 
     Attributes:
       max: the largest log-weight seen so far, without gradient; $-\infty$ for none.
