@@ -1,0 +1,196 @@
+"""Bad input raises at trace time with a message naming the argument, what was expected and what came;
+non-finite log-weights behave as documented inside jit."""
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import elbojax as ej
+from elbojax import exact
+
+ESTIMATORS = [ej.log_weights, ej.elbo, ej.iwae_bound, ej.importance_log_marginal, ej.naive_mc_log_marginal]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    model = exact.GaussianToy.random(jax.random.key(0), dim=4)
+    x = model.sample(jax.random.key(1), 1)[0][0]
+    return model, x
+
+
+def _call(estimator, model, x, **kwargs):
+    kwargs.setdefault("num_samples", 3)
+    return estimator(jax.random.key(0), x, model.log_joint, model.prior, **kwargs)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "num_samples, error, match",
+    [
+        (0, ValueError, r"`num_samples` must be an int >= 1, got 0"),
+        (-2, ValueError, r"`num_samples` must be an int >= 1, got -2"),
+        (2.5, TypeError, r"`num_samples` must be an int >= 1, got 2.5 of type float"),
+        (True, TypeError, r"`num_samples` must be an int >= 1, got True of type bool"),
+        ("10", TypeError, r"`num_samples` must be an int >= 1, got '10' of type str"),
+    ],
+)
+def test_bad_num_samples(toy, estimator, num_samples, error, match):
+    with pytest.raises(error, match=match):
+        _call(estimator, *toy, num_samples=num_samples)
+
+
+def test_traced_num_samples_is_a_clear_type_error(toy):
+    model, x = toy
+    with pytest.raises(TypeError, match=r"`num_samples` must be a static Python int"):
+        jax.jit(lambda n: _call(ej.iwae_bound, model, x, num_samples=n))(3)
+
+
+def test_numpy_integer_num_samples_is_accepted(toy):
+    assert _call(ej.iwae_bound, *toy, num_samples=np.int64(3)).shape == ()
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize("chunk_size", [0, -1, 1.5])
+def test_bad_chunk_size(toy, estimator, chunk_size):
+    with pytest.raises((ValueError, TypeError), match=r"`chunk_size` must be an int >= 1"):
+        _call(estimator, *toy, chunk_size=chunk_size)
+
+
+def test_key_must_be_a_prng_key(toy):
+    model, x = toy
+    with pytest.raises(TypeError, match=r"`key` must be a JAX PRNG key .* got int"):
+        ej.iwae_bound(0, x, model.log_joint, model.prior, num_samples=2)
+    with pytest.raises(ValueError, match=r"`key` must be a single PRNG key of shape \(\), got a key array of shape \(2,\)"):
+        ej.iwae_bound(jax.random.split(jax.random.key(0)), x, model.log_joint, model.prior, num_samples=2)
+    with pytest.raises(TypeError, match=r"dtype float32 and shape \(2,\)"):
+        ej.iwae_bound(jnp.zeros(2), x, model.log_joint, model.prior, num_samples=2)
+
+
+def test_log_joint_must_return_a_scalar(toy):
+    model, x = toy
+    per_dimension = lambda x, z: -0.5 * (x - z) ** 2  # forgot the sum
+    with pytest.raises(ValueError, match=r"`log_joint\(x, z\)` must return one floating-point scalar .* got shape \(4,\)"):
+        ej.iwae_bound(jax.random.key(0), x, per_dimension, model.prior, num_samples=2)
+    with pytest.raises(ValueError, match=r"`log_likelihood\(x, z\)` must return one floating-point scalar"):
+        ej.elbo_analytic_kl(jax.random.key(0), x, per_dimension, model.prior, model.prior)
+
+
+def test_log_joint_must_be_callable(toy):
+    model, x = toy
+    with pytest.raises(TypeError, match=r"`log_joint` must be callable, got Array"):
+        ej.elbo(jax.random.key(0), x, x, model.prior)
+
+
+def test_proposal_without_sample_and_log_prob(toy):
+    model, x = toy
+    with pytest.raises(TypeError, match=r"`proposal` must be a distribution with `sample_and_log_prob.* got tuple"):
+        ej.elbo(jax.random.key(0), x, model.log_joint, (jnp.zeros(4), jnp.ones(4)))
+    with pytest.raises(TypeError, match=r"`prior` must be a distribution"):
+        ej.naive_mc_log_marginal(jax.random.key(0), x, model.log_joint, "normal", num_samples=2)
+
+
+@pytest.mark.parametrize(
+    "make_model, bad_x, expected",
+    [
+        (lambda: exact.GaussianToy.random(jax.random.key(0), dim=4), jnp.zeros(5), r"`x` must have shape \(4,\), got \(5,\)"),
+        (lambda: exact.LinearGaussian.random(jax.random.key(0), data_dim=6, latent_dim=2), jnp.zeros((2, 6)), r"`x` must have shape \(6,\), got \(2, 6\)"),
+        (lambda: exact.GaussianMixture.random(jax.random.key(0), num_components=3, dim=2), jnp.zeros(3), r"`x` must have shape \(2,\), got \(3,\)"),
+    ],
+)
+def test_wrong_x_shape_for_an_exact_model(make_model, bad_x, expected):
+    model = make_model()
+    with pytest.raises(ValueError, match=expected):
+        ej.iwae_bound(jax.random.key(0), bad_x, model.log_joint, model.prior, num_samples=2)
+    with pytest.raises(ValueError, match=expected):
+        model.log_marginal(bad_x)
+
+
+def test_wrong_latent_shape_for_an_exact_model():
+    model = exact.LinearGaussian.random(jax.random.key(0), data_dim=6, latent_dim=2)
+    x = jnp.zeros(6)
+    wrong_q = distrax.MultivariateNormalDiag(jnp.zeros(3), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"`z` must have shape \(2,\), got \(3,\)"):
+        ej.elbo(jax.random.key(0), x, model.log_joint, wrong_q)
+
+
+def test_model_construction_checks_shapes():
+    with pytest.raises(ValueError, match=r"weight \(D, d\), bias \(D,\).* got \(3, 2\), \(4,\), \(3,\)"):
+        exact.LinearGaussian(jnp.zeros((3, 2)), jnp.zeros(4), jnp.ones(3))
+    with pytest.raises(ValueError, match=r"logits \(C,\), means \(C, D\)"):
+        exact.GaussianMixture(jnp.zeros(2), jnp.zeros((3, 2)), jnp.ones((3, 2)))
+
+
+def test_no_closed_form_kl_is_a_clear_error(toy):
+    model, x = toy
+    categorical_prior = distrax.Categorical(logits=jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"No closed-form KL\(q \|\| prior\) for q = MultivariateNormalDiag and prior = Categorical"):
+        ej.elbo_analytic_kl(jax.random.key(0), x, model.log_likelihood, model.prior, categorical_prior)
+
+
+def test_no_closed_form_entropy_is_a_clear_error(toy):
+    model, x = toy
+    squashed = distrax.Transformed(distrax.MultivariateNormalDiag(jnp.zeros(4), jnp.ones(4)), distrax.Block(distrax.Tanh(), 1))
+    with pytest.raises(ValueError, match=r"No closed-form entropy for q = Transformed"):
+        ej.elbo_entropy(jax.random.key(0), x, model.log_joint, squashed)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_all_minus_inf_log_weights_give_minus_inf_not_nan(toy, chunk_size):
+    model, x = toy
+    impossible = lambda x, z: jnp.asarray(-jnp.inf, z.dtype) + 0.0 * jnp.sum(z)
+
+    @jax.jit
+    def run():
+        kwargs = dict(num_samples=5, chunk_size=chunk_size)
+        return (
+            ej.iwae_bound(jax.random.key(0), x, impossible, model.prior, **kwargs),
+            ej.elbo(jax.random.key(0), x, impossible, model.prior, **kwargs),
+            ej.log_weights(jax.random.key(0), x, impossible, model.prior, **kwargs),
+            ej.effective_sample_size(ej.log_weights(jax.random.key(0), x, impossible, model.prior, **kwargs)),
+        )
+
+    iwae, elbo, lw, ess = run()
+    assert iwae == -jnp.inf and elbo == -jnp.inf
+    assert np.all(lw == -np.inf)
+    assert ess == 0.0
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_some_minus_inf_log_weights_are_ignored(toy, chunk_size):
+    """Samples where p(x, z) = 0 contribute zero weight; the others still count."""
+    model, x = toy
+
+    def truncated(x, z):  # p(x, z) = 0 where z_0 < 0: log-weight -inf there
+        return jnp.where(z[0] < 0, -jnp.inf, model.log_joint(x, z))
+
+    def both(c):
+        lw = ej.log_weights(jax.random.key(0), x, truncated, model.prior, num_samples=9)
+        value = ej.iwae_bound(jax.random.key(0), x, truncated, model.prior, num_samples=9, chunk_size=c)
+        return lw, value
+
+    lw, value = jax.jit(both, static_argnums=0)(chunk_size)
+    finite = np.asarray(lw)[np.isfinite(lw)]
+    assert 0 < finite.size < 9
+    np.testing.assert_allclose(value, np.log(np.exp(finite.astype(np.float64)).sum() / 9), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 2])
+def test_a_nan_log_weight_propagates(toy, chunk_size):
+    """One NaN sample makes every estimate NaN: a bug in log_joint is never averaged away."""
+    model, x = toy
+
+    def buggy(x, z):
+        return jnp.where(z[0] > 0, jnp.nan, model.log_joint(x, z))
+
+    @jax.jit
+    def run():
+        kwargs = dict(num_samples=8, chunk_size=chunk_size)
+        return (
+            ej.iwae_bound(jax.random.key(0), x, buggy, model.prior, **kwargs),
+            ej.elbo(jax.random.key(0), x, buggy, model.prior, **kwargs),
+        )
+
+    for value in run():
+        assert np.isnan(value)
