@@ -1,0 +1,39 @@
+"""The benchmark scripts run end to end (in their quick mode) and write what they promise."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script, out_dir):
+    env = dict(os.environ, ELBOJAX_QUICK="1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_estimator_variance_runs(tmp_path):
+    stdout = _run("estimator_variance.py", tmp_path)
+    assert "naive" in stdout.lower()
+    pngs = list(tmp_path.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 10_000 for p in pngs)
+
+
+@pytest.mark.slow
+def test_estimator_speed_runs(tmp_path):
+    stdout = _run("estimator_speed.py", tmp_path)
+    assert "hand-written JAX" in stdout and "unchunked" in stdout
+    assert (tmp_path / "estimator_speed.png").stat().st_size > 10_000
+    assert (tmp_path / "estimator_speed.json").exists()
