@@ -138,7 +138,7 @@ def plot(overhead, large_k, path):
     right.set_xlabel("chunk_size")
     right.set_ylabel("XLA temporary memory (MiB)")
     right.set_title("K = 100,000: memory follows chunk_size")
-    right.legend()
+    right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

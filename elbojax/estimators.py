@@ -46,29 +46,63 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from elbojax import _checks
+from elbojax import gradients as grads
 from elbojax.proposals import as_proposal, closed_form_entropy, closed_form_kl
 from elbojax.reductions import LogWeightSummary, combine, summarize, summary_logsumexp
 
-# A per-sample term: (z, log q(z)) -> scalar. The log-weight is log p(x, z) - log q(z).
-TermFn = Callable[[Any, jax.Array], jax.Array]
+
+class _Problem(NamedTuple):
+    """The checked arguments shared by every estimator."""
+
+    key: jax.Array
+    x: Any
+    log_joint: Callable  # or the log-likelihood, for `elbo_analytic_kl`
+    proposal: Any
+    num_samples: int
+    chunk_size: int | None
+    guard: str | None  # set for a discrete proposal: differentiating its log q must raise
 
 
-def _sample_terms(key, proposal, term_fn: TermFn, start, count: int) -> jax.Array:
-    """Terms of samples `start .. start + count - 1`; sample k is drawn with `fold_in(key, k)`."""
+def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_size, gradient="reparam"):
+    """Check every argument at trace time and bundle them."""
+    _checks.check_key(key)
+    num_samples = _checks.check_positive_int(num_samples, "num_samples")
+    chunk_size = _checks.check_optional_positive_int(chunk_size, "chunk_size")
+    _checks.check_callable(fn, fn_name)
+    proposal = as_proposal(proposal, proposal_name)
+    z, _ = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
+    _checks.check_scalar_output(fn, (x, z), fn_name)
+    guard = None
+    if not grads.is_reparameterizable(proposal, key):
+        message = grads.not_reparameterizable_message(proposal, gradient)
+        if gradient in ("stl", "dreg"):
+            raise ValueError(message)
+        guard = message
+    return _Problem(key, x, fn, proposal, num_samples, chunk_size, guard)
+
+
+# ----------------------------------------------------------------------------------------------
+# Drawing samples in chunks. Sample k always comes from `fold_in(key, k)`.
+# ----------------------------------------------------------------------------------------------
+
+
+def _draw(problem: _Problem, start, count: int):
+    """Samples `start .. start + count - 1`: `z` (leading axis `count`) and `log q(z)` `(count,)`."""
     indices = start + jnp.arange(count, dtype=jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(problem.key, indices)
+    draw_one = lambda k: problem.proposal.sample_and_log_prob(seed=k, sample_shape=())
+    return jax.vmap(draw_one)(keys)
 
-    def one(sample_key):
-        z, log_q = proposal.sample_and_log_prob(seed=sample_key, sample_shape=())
-        return term_fn(z, log_q)
 
-    return jax.vmap(one)(keys)
+def _log_joint(problem: _Problem, z):
+    """`log_joint(x, z_k)` for a batch of samples, shape `(count,)`."""
+    return jax.vmap(problem.log_joint, in_axes=(None, 0))(problem.x, z)
 
 
 def _chunks(num_samples: int, chunk_size: int | None) -> tuple[int, int, int]:
@@ -78,62 +112,93 @@ def _chunks(num_samples: int, chunk_size: int | None) -> tuple[int, int, int]:
     return chunk, num_full, remainder
 
 
-def _all_terms(key, proposal, term_fn, num_samples, chunk_size) -> jax.Array:
-    """The `(K,)` terms, computed `chunk_size` samples at a time."""
-    chunk, num_full, remainder = _chunks(num_samples, chunk_size)
-    if num_full == 1 and remainder == 0:
-        return _sample_terms(key, proposal, term_fn, 0, chunk)
-    starts = jnp.arange(num_full, dtype=jnp.uint32) * chunk
-    full = jax.lax.map(
-        jax.checkpoint(lambda start: _sample_terms(key, proposal, term_fn, start, chunk)), starts
-    ).reshape(-1)
-    if not remainder:
-        return full
-    rest = _sample_terms(key, proposal, term_fn, num_full * chunk, remainder)
-    return jnp.concatenate([full, rest])
-
-
-def _summary(key, proposal, term_fn, num_samples, chunk_size) -> LogWeightSummary:
-    """Running log-sum-exp and sum of the K terms, `chunk_size` samples at a time."""
-    chunk, num_full, remainder = _chunks(num_samples, chunk_size)
-
-    def chunk_summary(start, count):
-        return summarize(_sample_terms(key, proposal, term_fn, start, count))
-
-    summary = chunk_summary(0, chunk)
+def _fold_chunks(chunk_fn, combine_fn, problem: _Problem):
+    """Reduce `chunk_fn(start, count)` over the chunks with `combine_fn`, in a rematerialised scan."""
+    chunk, num_full, remainder = _chunks(problem.num_samples, problem.chunk_size)
+    accumulated = chunk_fn(0, chunk)
     if num_full > 1:
 
         @jax.checkpoint
         def step(carry, start):
-            return combine(carry, chunk_summary(start, chunk)), None
+            return combine_fn(carry, chunk_fn(start, chunk)), None
 
         starts = jnp.arange(1, num_full, dtype=jnp.uint32) * chunk
-        summary, _ = jax.lax.scan(step, summary, starts)
+        accumulated, _ = jax.lax.scan(step, accumulated, starts)
     if remainder:
-        summary = combine(summary, chunk_summary(num_full * chunk, remainder))
-    return summary
+        accumulated = combine_fn(accumulated, chunk_fn(num_full * chunk, remainder))
+    return accumulated
 
 
-def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_size):
-    """Check every argument at trace time; return the proposal in distrax's interface."""
-    _checks.check_key(key)
-    _checks.check_positive_int(num_samples, "num_samples")
-    _checks.check_optional_positive_int(chunk_size, "chunk_size")
-    _checks.check_callable(fn, fn_name)
-    proposal = as_proposal(proposal, proposal_name)
-    z, _ = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
-    _checks.check_scalar_output(fn, (x, z), fn_name)
-    return proposal
+def _map_chunks(chunk_fn, problem: _Problem):
+    """Concatenate `chunk_fn(start, count)`, each of leading size `count`, into `(K, ...)`."""
+    chunk, num_full, remainder = _chunks(problem.num_samples, problem.chunk_size)
+    if num_full == 1 and remainder == 0:
+        return chunk_fn(0, chunk)
+    starts = jnp.arange(num_full, dtype=jnp.uint32) * chunk
+    full = jax.lax.map(jax.checkpoint(lambda start: chunk_fn(start, chunk)), starts)
+    full = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), full)
+    if not remainder:
+        return full
+    rest = chunk_fn(num_full * chunk, remainder)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), full, rest)
 
 
-def _log_weight_term(x, log_joint) -> TermFn:
-    return lambda z, log_q: log_joint(x, z) - log_q
+def _is_single_chunk(problem: _Problem) -> bool:
+    return problem.chunk_size is None or problem.chunk_size >= problem.num_samples
 
 
-def _log_mean_weight(key, x, log_joint, proposal, num_samples, chunk_size):
+def _with_sums(a, b):
+    """Combine `(LogWeightSummary, sum, sum, ...)` accumulators."""
+    return (combine(a[0], b[0]),) + tuple(x + y for x, y in zip(a[1:], b[1:]))
+
+
+def _summary_and_sums(chunk_fn):
+    """Wrap a chunk function returning `(log_weights, per-sample terms...)` into summaries and sums."""
+
+    def summarized(start, count):
+        log_weights, *terms = chunk_fn(start, count)
+        return (summarize(log_weights),) + tuple(jnp.sum(t) for t in terms)
+
+    return summarized
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-chunk log-weights under each gradient estimator.
+# ----------------------------------------------------------------------------------------------
+
+
+def _pathwise_log_weights(problem: _Problem, gradient: str):
+    """Log-weights whose autodiff is the reparameterisation (or, for "stl", the STL) gradient."""
+
+    def chunk_fn(start, count):
+        z, log_q = _draw(problem, start, count)
+        if gradient == "stl":
+            log_q = jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k))(z)
+        elif problem.guard is not None:
+            log_q = grads.forbid_pathwise(log_q, problem.guard)
+        return _log_joint(problem, z) - log_q
+
+    return chunk_fn
+
+
+def _score_log_weights(problem: _Problem):
+    r"""Log-weights at fixed samples, and each sample's score term $\log q - \overline{\log q}$."""
+
+    def chunk_fn(start, count):
+        z, _ = _draw(problem, start, count)
+        z = grads._stop(z)
+        log_q = jax.vmap(problem.proposal.log_prob)(z)
+        log_weights = _log_joint(problem, z) - log_q
+        score = log_q - jax.lax.stop_gradient(log_q)  # value 0, gradient: the score
+        return log_weights, score
+
+    return chunk_fn
+
+
+def _log_mean_weight(problem: _Problem):
     r"""$\log \frac1K \sum_k w_k$: the reduction behind IWAE, IS and naive Monte Carlo."""
-    summary = _summary(key, proposal, _log_weight_term(x, log_joint), num_samples, chunk_size)
-    return summary_logsumexp(summary) - math.log(num_samples)
+    summary = _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, "reparam")(s, c)), combine, problem)
+    return summary_logsumexp(summary) - math.log(problem.num_samples)
 
 
 def log_weights(key, x, log_joint, proposal, *, num_samples: int, chunk_size: int | None = None):
@@ -148,21 +213,38 @@ def log_weights(key, x, log_joint, proposal, *, num_samples: int, chunk_size: in
       chunk_size: draw the samples this many at a time (bounds peak memory); `None` for all at once.
 
     Returns:
-      Array of shape `(num_samples,)`.
+      Array of shape `(num_samples,)`; differentiable by reparameterisation.
     """
-    proposal = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
-    return _all_terms(key, proposal, _log_weight_term(x, log_joint), num_samples, chunk_size)
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
+    return _map_chunks(_pathwise_log_weights(problem, "reparam"), problem)
 
 
-def elbo(key, x, log_joint, proposal, *, num_samples: int = 1, chunk_size: int | None = None):
+def elbo(
+    key,
+    x,
+    log_joint,
+    proposal,
+    *,
+    num_samples: int = 1,
+    chunk_size: int | None = None,
+    gradient: str = "reparam",
+    baseline=None,
+):
     r"""The Monte Carlo evidence lower bound, the mean of the log-weights.
 
     $$\widehat{\mathrm{ELBO}} = \frac1K \sum_{k=1}^K \log \frac{p(x, z_k)}{q(z_k)},\qquad z_k \sim q,$$
 
     an unbiased estimate of $\mathrm{ELBO}(q) = \log p(x) - \mathrm{KL}(q \,\|\, p(z \mid x))$.
-    With reparameterisable $q$, `jax.grad` gives the pathwise (reparameterisation) gradient.
 
-    Args: as `log_weights`; `num_samples` defaults to 1.
+    Args:
+      key, x, log_joint, proposal, num_samples, chunk_size: as `log_weights`; `num_samples`
+        defaults to 1.
+      gradient: what `jax.grad` returns (the value is the same): `"reparam"` (pathwise),
+        `"stl"` (sticking the landing) or `"score"` (REINFORCE; the only choice for a discrete
+        proposal). See `elbojax.gradients`.
+      baseline: for `gradient="score"` only: a scalar subtracted from every sample's learning
+        signal (e.g. a moving average or a learned $b_\psi(x)$). Without it, and with $K > 1$,
+        each sample's baseline is the mean of the other samples' log-weights.
 
     Returns:
       A scalar.
@@ -170,12 +252,40 @@ def elbo(key, x, log_joint, proposal, *, num_samples: int = 1, chunk_size: int |
     References:
       Kingma & Welling, *Auto-Encoding Variational Bayes*, 2014, https://arxiv.org/abs/1312.6114
     """
-    proposal = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
-    summary = _summary(key, proposal, _log_weight_term(x, log_joint), num_samples, chunk_size)
-    return summary.total / num_samples
+    grads.check_gradient(gradient, grads.ELBO_GRADIENTS, "elbo")
+    _check_baseline(baseline, gradient)
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
+    if gradient != "score":
+        summary = _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, gradient)(s, c)), combine, problem)
+        return summary.total / num_samples
+
+    def chunk_fn(start, count):
+        log_weights, score = _score_log_weights(problem)(start, count)
+        return log_weights, score * jax.lax.stop_gradient(log_weights), score
+
+    summary, signal_times_score, score = _fold_chunks(_summary_and_sums(chunk_fn), _with_sums, problem)
+    total = summary.total
+    if baseline is not None:
+        correction = signal_times_score - jax.lax.stop_gradient(baseline) * score
+    elif num_samples > 1:
+        # Leave-one-out: b_k = (T - l_k) / (K - 1), so l_k - b_k = (K l_k - T) / (K - 1).
+        correction = (num_samples * signal_times_score - jax.lax.stop_gradient(total) * score) / (num_samples - 1)
+    else:
+        correction = signal_times_score
+    return (total + correction) / num_samples
 
 
-def iwae_bound(key, x, log_joint, proposal, *, num_samples: int, chunk_size: int | None = None):
+def iwae_bound(
+    key,
+    x,
+    log_joint,
+    proposal,
+    *,
+    num_samples: int,
+    chunk_size: int | None = None,
+    gradient: str = "reparam",
+    baseline=None,
+):
     r"""The importance-weighted bound $\mathcal{L}_K$ (IWAE), computed stably.
 
     $$\mathcal{L}_K = \log \frac1K \sum_{k=1}^K \frac{p(x, z_k)}{q(z_k)},\qquad z_k \sim q,$$
@@ -184,7 +294,15 @@ def iwae_bound(key, x, log_joint, proposal, *, num_samples: int, chunk_size: int
     \mathbb{E}[\mathcal{L}_{K+1}] \le \log p(x)$, and $\mathcal{L}_K \to \log p(x)$ as
     $K \to \infty$. The value equals `importance_log_marginal` (see the module docs).
 
-    Args: as `log_weights`.
+    Args:
+      key, x, log_joint, proposal, num_samples, chunk_size: as `log_weights`.
+      gradient: what `jax.grad` returns (the value is the same): `"reparam"`, `"stl"`
+        (IWAE-STL: biased for IWAE, Tucker et al. 2019), `"dreg"` (doubly reparameterised),
+        `"score"` or `"vimco"` (for discrete proposals). See `elbojax.gradients`. With
+        `chunk_size` smaller than K, `"dreg"` and `"vimco"` make a first pass without gradient
+        for the normalised weights, then a second one for the surrogate.
+      baseline: for `gradient="score"` only: a scalar subtracted from the learning signal
+        $\mathcal{L}_K$.
 
     Returns:
       A scalar.
@@ -193,8 +311,73 @@ def iwae_bound(key, x, log_joint, proposal, *, num_samples: int, chunk_size: int
       Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders*, ICLR 2016,
       https://arxiv.org/abs/1509.00519
     """
-    proposal = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
-    return _log_mean_weight(key, x, log_joint, proposal, num_samples, chunk_size)
+    grads.check_gradient(gradient, grads.IWAE_GRADIENTS, "iwae_bound")
+    _check_baseline(baseline, gradient)
+    if gradient == "vimco" and _checks.check_positive_int(num_samples, "num_samples") < 2:
+        raise ValueError(f"gradient='vimco' needs `num_samples` >= 2 (a leave-one-out baseline), got {num_samples}.")
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
+    log_k = math.log(num_samples)
+    if gradient in ("reparam", "stl"):
+        summary = _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, gradient)(s, c)), combine, problem)
+        return summary_logsumexp(summary) - log_k
+    if gradient == "dreg":
+        return _iwae_dreg(problem)
+    if gradient == "score":
+        summary, score = _fold_chunks(_summary_and_sums(_score_log_weights(problem)), _with_sums, problem)
+        bound = summary_logsumexp(summary) - log_k
+        signal = jax.lax.stop_gradient(bound - (0.0 if baseline is None else baseline))
+        return bound + signal * score
+    return _iwae_vimco(problem)
+
+
+def _iwae_dreg(problem: _Problem):
+    """IWAE with the DReG surrogate; see `elbojax.gradients`."""
+    fixed_lse = None
+    if not _is_single_chunk(problem):
+        values = jax.lax.stop_gradient(
+            _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, "reparam")(s, c)), combine, problem)
+        )
+        fixed_lse = summary_logsumexp(values)
+
+    def chunk_fn(start, count):
+        z, log_q = _draw(problem, start, count)
+        log_weights = jax.lax.stop_gradient(_log_joint(problem, z) - log_q)
+        lse = jax.nn.logsumexp(log_weights) if fixed_lse is None else fixed_lse
+        weights = jnp.exp(log_weights - lse)
+        z_scaled = jax.vmap(grads.scale_cotangent)(z, weights)
+        log_q_path = jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k))(z_scaled)
+        surrogate = jnp.sum(weights * (_log_joint(problem, z_scaled) - log_q_path))
+        return summarize(log_weights), surrogate
+
+    summary, surrogate = _fold_chunks(chunk_fn, _with_sums, problem)
+    bound = summary_logsumexp(summary) - math.log(problem.num_samples)
+    return bound + (surrogate - jax.lax.stop_gradient(surrogate))
+
+
+def _iwae_vimco(problem: _Problem):
+    """IWAE with VIMCO's leave-one-out learning signals; see `elbojax.gradients`."""
+    score_fn = _score_log_weights(problem)
+    if _is_single_chunk(problem):
+        log_weights, score = score_fn(0, problem.num_samples)
+        bound = jax.nn.logsumexp(log_weights) - math.log(problem.num_samples)
+        return bound + jnp.sum(grads.vimco_signals(log_weights) * score)
+    signals = grads.vimco_signals(_map_chunks(lambda s, c: score_fn(s, c)[0], problem))
+
+    def chunk_fn(start, count):
+        log_weights, score = score_fn(start, count)
+        return log_weights, jax.lax.dynamic_slice(signals, (start,), (count,)) * score
+
+    summary, weighted_score = _fold_chunks(_summary_and_sums(chunk_fn), _with_sums, problem)
+    return summary_logsumexp(summary) - math.log(problem.num_samples) + weighted_score
+
+
+def _check_baseline(baseline, gradient):
+    if baseline is None:
+        return
+    if gradient != "score":
+        raise ValueError(f"`baseline` is only used with gradient='score', got gradient={gradient!r}.")
+    if jnp.shape(baseline) != ():
+        raise ValueError(f"`baseline` must be a scalar (one per data point), got shape {jnp.shape(baseline)}.")
 
 
 def importance_log_marginal(
@@ -216,8 +399,8 @@ def importance_log_marginal(
     Returns:
       A scalar.
     """
-    proposal = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
-    return _log_mean_weight(key, x, log_joint, proposal, num_samples, chunk_size)
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
+    return _log_mean_weight(problem)
 
 
 def naive_mc_log_marginal(
@@ -243,8 +426,21 @@ def naive_mc_log_marginal(
     Returns:
       A scalar.
     """
-    prior = _prepare(key, x, log_joint, "log_joint", prior, "prior", num_samples, chunk_size)
-    return _log_mean_weight(key, x, log_joint, prior, num_samples, chunk_size)
+    problem = _prepare(key, x, log_joint, "log_joint", prior, "prior", num_samples, chunk_size)
+    return _log_mean_weight(problem)
+
+
+def _mean_of(problem: _Problem):
+    r"""$\frac1K\sum_k f(x, z_k)$ for the problem's function $f$, by reparameterisation."""
+
+    def chunk_fn(start, count):
+        z, log_q = _draw(problem, start, count)
+        values = _log_joint(problem, z)
+        if problem.guard is not None:  # the sampled expectation has no pathwise gradient in q
+            values = values + 0.0 * grads.forbid_pathwise(log_q, problem.guard)
+        return summarize(values)
+
+    return _fold_chunks(chunk_fn, combine, problem).total / problem.num_samples
 
 
 def elbo_analytic_kl(
@@ -262,7 +458,7 @@ def elbo_analytic_kl(
     $$\mathrm{ELBO} = \mathbb{E}_{q(z)}[\log p(x \mid z)] - \mathrm{KL}(q(z) \,\|\, p(z)),$$
 
     the expectation by Monte Carlo over $K$ samples, the KL exactly. Lower variance than `elbo`
-    when the KL is a large part of the bound.
+    when the KL is a large part of the bound. Gradients are pathwise.
 
     Args:
       key, x, num_samples, chunk_size: as `log_weights`.
@@ -277,15 +473,9 @@ def elbo_analytic_kl(
     References:
       Kingma & Welling 2014, eq. (10), https://arxiv.org/abs/1312.6114
     """
-    proposal = _prepare(
-        key, x, log_likelihood, "log_likelihood", proposal, "proposal", num_samples, chunk_size
-    )
-    prior = as_proposal(prior, "prior")
-    kl = closed_form_kl(proposal, prior)
-    summary = _summary(
-        key, proposal, lambda z, log_q: log_likelihood(x, z), num_samples, chunk_size
-    )
-    return summary.total / num_samples - kl
+    problem = _prepare(key, x, log_likelihood, "log_likelihood", proposal, "proposal", num_samples, chunk_size)
+    kl = closed_form_kl(problem.proposal, as_proposal(prior, "prior"))
+    return _mean_of(problem) - kl
 
 
 def elbo_entropy(
@@ -296,7 +486,7 @@ def elbo_entropy(
     $$\mathrm{ELBO} = \mathbb{E}_{q(z)}[\log p(x, z)] + \mathbb{H}(q),$$
 
     the expectation by Monte Carlo over $K$ samples, the entropy exactly (a `ValueError` if
-    `proposal` has no closed-form entropy).
+    `proposal` has no closed-form entropy). Gradients are pathwise.
 
     Args: as `log_weights`; `num_samples` defaults to 1.
 
@@ -306,7 +496,6 @@ def elbo_entropy(
     References:
       Titsias & Lázaro-Gredilla, *Doubly Stochastic Variational Bayes*, ICML 2014.
     """
-    proposal = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
-    entropy = closed_form_entropy(proposal)
-    summary = _summary(key, proposal, lambda z, log_q: log_joint(x, z), num_samples, chunk_size)
-    return summary.total / num_samples + entropy
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
+    entropy = closed_form_entropy(problem.proposal)
+    return _mean_of(problem) + entropy

@@ -1,0 +1,166 @@
+r"""Gradient estimators as surrogates: the value stays the objective, only `jax.grad` changes.
+
+Each estimator is a way of writing the objective so that reverse-mode autodiff returns the
+estimator we want. Everything is done at the sample $z$ and at $\log q$, never by naming
+parameter sets, so parameters may be shared between model and proposal (a VampPrior uses the
+encoder) and the proposal can be any distribution.
+
+| `gradient=` | objectives | proposal parameters $\phi$ get | model parameters $\theta$ get |
+|---|---|---|---|
+| `"reparam"` | all | the pathwise gradient | $\nabla_\theta$ of the objective |
+| `"stl"` | `elbo`, `iwae_bound` | the pathwise gradient without the score term of $\log q$ (Roeder et al. 2017); for IWAE this is IWAE-STL, which is **biased** (Tucker et al. 2019) | unchanged |
+| `"dreg"` | `iwae_bound` | $\sum_k \tilde w_k^2\, \frac{\partial \ell_k}{\partial z_k}\frac{\partial z_k}{\partial\phi}$ (Tucker et al. 2019) | $\sum_k \tilde w_k \nabla_\theta \log p(x, z_k)$ |
+| `"score"` | `elbo`, `iwae_bound` | REINFORCE, with a baseline (below) | unchanged |
+| `"vimco"` | `iwae_bound` | REINFORCE with VIMCO's multi-sample leave-one-out baseline (Mnih & Rezende 2016) | unchanged |
+
+Here $\ell_k = \log p(x, z_k) - \log q(z_k)$ and $\tilde w_k = e^{\ell_k} / \sum_j e^{\ell_j}$.
+
+**Building blocks.**
+
+* `path_only_log_prob(q, z)` $= \log q(z) - \log q(\bar z) + \overline{\log q(\bar z)}$ (a bar is
+  `stop_gradient`): the value of $\log q(z)$ and exactly its path gradient. The score terms
+  cancel because they are the same float operations on the same values; nothing about the
+  distribution's internals is assumed (stop-gradient over a distrax distribution's pytree is not
+  enough: `MultivariateNormalDiag` keeps bound methods of its bijectors as static data).
+* `scale_cotangent(z, s)`: the identity on the way forward; on the way back the cotangent of
+  `z` is multiplied by `s`. DReG's surrogate $\sum_k \bar{\tilde w}_k [\log p(x, \tilde z_k) -
+  \log q_{\text{path}}(\tilde z_k)]$ with $\tilde z_k$ = `scale_cotangent(z_k, w_k)` gives the
+  model $\sum_k \tilde w_k \nabla_\theta \log p$ and the proposal $\sum_k \tilde w_k^2 \cdot$
+  (path), in one backward pass.
+* `forbid_pathwise(log_q, what)`: the identity, but differentiating through it raises. Used on
+  $\log q$ of a discrete proposal: differentiating a reparameterised objective with respect to
+  the proposal's parameters would silently drop the score term, so it is an error instead; the
+  model's parameters (whose gradient is right) can still be differentiated.
+
+**Score-function baselines.** For the ELBO, sample $k$'s learning signal is $\ell_k - b_k$, with
+$b_k$ the mean of the *other* samples' log-weights when $K > 1$ (leave-one-out, unbiased), or
+the `baseline=` value you pass (a moving average or a learned $b_\psi(x)$ kept in your training
+state; it must not depend on $z_{1:K}$). For `iwae_bound`, the signal is $\hat{\mathcal L}_K - b$
+with `baseline=` $b$ (0 if none): a per-sample leave-one-out for the IWAE bound is what VIMCO does.
+To train a learned baseline, regress it on the (stop-gradient) value the estimator returns:
+
+    value = elbojax.elbo(key, x, log_joint, q, gradient="score", baseline=b_psi(x))
+    loss = -value + (jax.lax.stop_gradient(value) - b_psi(x)) ** 2
+
+The estimator holds the baseline fixed inside its surrogate, so the first term trains the model
+and proposal and the second trains $\psi$ (Mnih & Gregor 2014).
+
+References:
+  Roeder, Wu & Duvenaud, *Sticking the Landing*, NeurIPS 2017, https://arxiv.org/abs/1703.09194;
+  Tucker, Lawson, Gu & Maddison, *Doubly Reparameterized Gradient Estimators for Monte Carlo
+  Objectives*, ICLR 2019, https://arxiv.org/abs/1810.04152;
+  Williams, *Simple statistical gradient-following algorithms*, 1992;
+  Mnih & Gregor, *Neural Variational Inference and Learning*, ICML 2014, https://arxiv.org/abs/1402.0030;
+  Mnih & Rezende, *Variational Inference for Monte Carlo Objectives*, ICML 2016,
+  https://arxiv.org/abs/1602.06725
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from elbojax.proposals import TFPProposal
+
+ELBO_GRADIENTS = ("reparam", "stl", "score")
+IWAE_GRADIENTS = ("reparam", "stl", "dreg", "score", "vimco")
+PATHWISE = ("reparam", "stl", "dreg")
+
+
+def check_gradient(gradient, allowed: tuple[str, ...], objective: str) -> str:
+    if gradient not in allowed:
+        raise ValueError(
+            f"`gradient` for `{objective}` must be one of {', '.join(map(repr, allowed))}; got {gradient!r}."
+        )
+    return gradient
+
+
+def _stop(tree):
+    return jax.tree.map(jax.lax.stop_gradient, tree)
+
+
+def path_only_log_prob(proposal, z):
+    r"""$\log q(z)$ with its path gradient only: $\log q(z) - \log q(\bar z) + \overline{\log q(\bar z)}$."""
+    at_stopped = proposal.log_prob(_stop(z))
+    return proposal.log_prob(z) - at_stopped + jax.lax.stop_gradient(at_stopped)
+
+
+@jax.custom_vjp
+def scale_cotangent(z, scale):
+    """Identity on `z`; the backward pass multiplies `z`'s cotangent by `scale` (no gradient to `scale`)."""
+    del scale
+    return z
+
+
+def _scale_cotangent_fwd(z, scale):
+    return z, scale
+
+
+def _scale_cotangent_bwd(scale, cotangent):
+    scaled = jax.tree.map(lambda c: (c * scale).astype(c.dtype), cotangent)
+    return scaled, jnp.zeros_like(scale)
+
+
+scale_cotangent.defvjp(_scale_cotangent_fwd, _scale_cotangent_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def forbid_pathwise(log_q, message: str):
+    """Identity; differentiating through it raises `ValueError(message)` at trace time."""
+    del message
+    return log_q
+
+
+@forbid_pathwise.defjvp
+def _forbid_pathwise_jvp(message, primals, tangents):
+    del primals, tangents
+    raise ValueError(message)
+
+
+def is_reparameterizable(proposal, key) -> bool:
+    """False for proposals whose samples cannot carry a pathwise gradient.
+
+    A sample with an integer or boolean leaf is discrete; a TFP distribution also says so
+    through its `reparameterization_type`.
+    """
+    inner = proposal.distribution if isinstance(proposal, TFPProposal) else proposal
+    kind = getattr(inner, "reparameterization_type", None)
+    if kind is not None and "FULLY_REPARAMETERIZED" not in str(kind).upper():
+        return False
+    z, _ = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
+    return all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jax.tree.leaves(z))
+
+
+def not_reparameterizable_message(proposal, gradient: str) -> str:
+    inner = proposal.distribution if isinstance(proposal, TFPProposal) else proposal
+    return (
+        f"gradient={gradient!r} needs a reparameterizable proposal, but "
+        f"{type(inner).__name__} cannot be reparameterized (its samples are discrete). "
+        "Use gradient='score' or 'vimco', enumerate the latent (elbojax.discrete), or a relaxation."
+    )
+
+
+def vimco_signals(log_weights: jax.Array) -> jax.Array:
+    r"""VIMCO's per-sample learning signals $\hat{\mathcal L}_K - \hat{\mathcal L}_{K,-k}$, shape `(K,)`.
+
+    $\hat{\mathcal L}_{K,-k}$ replaces $w_k$ by the geometric mean of the other weights:
+    $$\hat{\mathcal L}_{K,-k} = \log \frac1K\Big(\sum_{j \ne k} w_j + \exp\big(\tfrac{1}{K-1}
+      \textstyle\sum_{j\ne k} \ell_j\big)\Big).$$
+    The leave-one-out log-sum-exps come from prefix and suffix cumulative log-sum-exps, so the
+    cost is $O(K)$ and no weight is subtracted from a sum (no cancellation).
+
+    Args:
+      log_weights: `(K,)` log-weights, `K >= 2`, treated as constants.
+    """
+    log_weights = jax.lax.stop_gradient(log_weights)
+    num = log_weights.shape[0]
+    neg_inf = jnp.full((1,), -jnp.inf, log_weights.dtype)
+    prefix = jnp.concatenate([neg_inf, jax.lax.cumlogsumexp(log_weights)[:-1]])
+    suffix = jnp.concatenate([jax.lax.cumlogsumexp(log_weights, reverse=True)[1:], neg_inf])
+    leave_one_out_lse = jnp.logaddexp(prefix, suffix)
+    leave_one_out_mean = (jnp.sum(log_weights) - log_weights) / (num - 1)
+    bound = jax.nn.logsumexp(log_weights) - math.log(num)
+    return bound - (jnp.logaddexp(leave_one_out_lse, leave_one_out_mean) - math.log(num))
