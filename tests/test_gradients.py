@@ -1,0 +1,241 @@
+"""Every gradient estimator checked against an exact gradient (float64; Monte Carlo within 4 SE)."""
+
+import itertools
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import elbojax as ej
+from elbojax import exact
+from helpers import keys
+
+SE_LIMIT = 4.0
+
+
+def _mean_and_se(draws):
+    draws = np.asarray(draws, np.float64)
+    return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(draws.shape[0])
+
+
+def _assert_unbiased(draws, exact_gradient, name):
+    mean, se = _mean_and_se(draws)
+    z = np.abs(mean - np.asarray(exact_gradient)) / np.maximum(se, 1e-12)
+    assert np.all(z < SE_LIMIT), (name, mean, np.asarray(exact_gradient), se)
+
+
+@pytest.fixture
+def linear_gaussian(x64):
+    model = exact.LinearGaussian.random(jax.random.key(0), data_dim=5, latent_dim=3, dtype=jnp.float64)
+    x = model.sample(jax.random.key(1), 1)[0][0]
+    # (proposal mean, proposal log-scale, model bias): phi and theta together.
+    params = (model.posterior_mean(x) + jnp.array([0.4, -0.3, 0.2]), jnp.log(jnp.array([0.5, 0.9, 1.2])), model.bias)
+    return model, x, params
+
+
+def _with_bias(model, bias):
+    return exact.LinearGaussian(model.weight, bias, model.noise_variance)
+
+
+def _flatten(tree):
+    return jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+
+
+ELBO_CASES = {
+    "reparam": dict(gradient="reparam", num_samples=1),
+    "stl": dict(gradient="stl", num_samples=1),
+    "score": dict(gradient="score", num_samples=1),
+    "score_leave_one_out": dict(gradient="score", num_samples=4),
+    "score_external_baseline": dict(gradient="score", num_samples=1, baseline=-12.0),
+}
+
+
+@pytest.mark.parametrize("case", list(ELBO_CASES))
+def test_elbo_gradient_estimators_are_unbiased(linear_gaussian, case):
+    model, x, params = linear_gaussian
+    kwargs = ELBO_CASES[case]
+
+    def estimate(p, key):
+        mean, log_scale, bias = p
+        q = distrax.MultivariateNormalDiag(mean, jnp.exp(log_scale))
+        return ej.elbo(key, x, _with_bias(model, bias).log_joint, q, **kwargs)
+
+    def closed_form(p):
+        mean, log_scale, bias = p
+        return _with_bias(model, bias).elbo_diag_gaussian(x, mean, jnp.exp(log_scale))
+
+    draws = jax.jit(jax.vmap(lambda k: _flatten(jax.grad(estimate)(params, k))))(keys(2, 6000))
+    # The value is the ELBO whatever the gradient estimator.
+    value = estimate(params, jax.random.key(3))
+    reparam_value = ej.elbo(jax.random.key(3), x, model.log_joint, distrax.MultivariateNormalDiag(params[0], jnp.exp(params[1])), num_samples=kwargs["num_samples"])
+    np.testing.assert_allclose(value, reparam_value, rtol=1e-12)
+    _assert_unbiased(draws, _flatten(jax.grad(closed_form)(params)), case)
+
+
+@pytest.mark.parametrize("form", ["analytic_kl", "entropy"])
+def test_other_elbo_forms_have_unbiased_pathwise_gradients(linear_gaussian, form):
+    model, x, params = linear_gaussian
+
+    def estimate(p, key):
+        mean, log_scale, bias = p
+        m = _with_bias(model, bias)
+        q = distrax.MultivariateNormalDiag(mean, jnp.exp(log_scale))
+        if form == "analytic_kl":
+            return ej.elbo_analytic_kl(key, x, m.log_likelihood, q, m.prior)
+        return ej.elbo_entropy(key, x, m.log_joint, q)
+
+    def closed_form(p):
+        mean, log_scale, bias = p
+        return _with_bias(model, bias).elbo_diag_gaussian(x, mean, jnp.exp(log_scale))
+
+    draws = jax.jit(jax.vmap(lambda k: _flatten(jax.grad(estimate)(params, k))))(keys(4, 4000))
+    _assert_unbiased(draws, _flatten(jax.grad(closed_form)(params)), form)
+
+
+def _iwae_gradients(model, x, params, gradient, num_samples, key_array, **kwargs):
+    def estimate(p, key):
+        mean, log_scale, bias = p
+        q = distrax.MultivariateNormalDiag(mean, jnp.exp(log_scale))
+        return ej.iwae_bound(key, x, _with_bias(model, bias).log_joint, q, num_samples=num_samples, gradient=gradient, **kwargs)
+
+    return jax.jit(jax.vmap(lambda k: _flatten(jax.grad(estimate)(params, k))))(key_array)
+
+
+def test_dreg_decoder_gradient_equals_iwae_exactly_on_the_same_samples(linear_gaussian):
+    model, x, params = linear_gaussian
+    same_keys = keys(5, 50)
+    plain = _iwae_gradients(model, x, params, "reparam", 8, same_keys)
+    for chunk_size in (None, 3):
+        dreg = _iwae_gradients(model, x, params, "dreg", 8, same_keys, chunk_size=chunk_size)
+        # The last 5 entries are the model's bias: identical. The proposal's differ (by design).
+        np.testing.assert_allclose(dreg[:, 6:], plain[:, 6:], rtol=0, atol=1e-10)
+        assert np.abs(dreg[:, :6] - plain[:, :6]).max() > 1e-3
+
+
+@pytest.mark.parametrize("gradient", ["dreg", "score", "vimco"])
+def test_iwae_gradient_estimators_agree_in_mean_with_plain_iwae(linear_gaussian, gradient):
+    model, x, params = linear_gaussian
+    reference = _iwae_gradients(model, x, params, "reparam", 8, keys(6, 8000))
+    other = _iwae_gradients(model, x, params, gradient, 8, keys(7, 8000))
+    (m1, se1), (m2, se2) = _mean_and_se(reference), _mean_and_se(other)
+    assert np.all(np.abs(m1 - m2) < SE_LIMIT * np.hypot(se1, se2)), (gradient, m1, m2, np.hypot(se1, se2))
+
+
+def test_iwae_stl_is_biased_for_iwae(linear_gaussian):
+    """Tucker et al. 2019: IWAE-STL's proposal gradient is biased for K > 1 (shown, not hidden)."""
+    model, x, params = linear_gaussian
+    reference = _iwae_gradients(model, x, params, "reparam", 8, keys(8, 8000))
+    stl = _iwae_gradients(model, x, params, "stl", 8, keys(9, 8000))
+    (m1, se1), (m2, se2) = _mean_and_se(reference), _mean_and_se(stl)
+    z = np.abs(m1 - m2) / np.hypot(se1, se2)
+    assert z[:6].max() > 8, z  # the proposal's gradient: clearly biased
+    assert np.all(z[6:] < SE_LIMIT), z  # the model's: unchanged
+
+
+@pytest.mark.parametrize("gradient", ["stl", "dreg"])
+def test_stl_and_dreg_vanish_at_the_exact_posterior(x64, gradient):
+    """On the Gaussian toy with q = p(z|x), every draw of the proposal gradient is exactly zero."""
+    toy = exact.GaussianToy.random(jax.random.key(0), dim=20, dtype=jnp.float64)
+    x = toy.sample(jax.random.key(1), 1)[0][0]
+    post = toy.posterior(x)
+    params = (post.mean(), jnp.log(post.stddev()))
+
+    def estimate(p, key, grad_kind):
+        q = distrax.MultivariateNormalDiag(p[0], jnp.exp(p[1]))
+        if gradient == "stl" and grad_kind != "reparam":
+            return ej.elbo(key, x, toy.log_joint, q, num_samples=3, gradient="stl")
+        return ej.iwae_bound(key, x, toy.log_joint, q, num_samples=5, gradient=grad_kind)
+
+    grads = jax.jit(jax.vmap(lambda k: _flatten(jax.grad(estimate)(params, k, gradient))))(keys(2, 20))
+    np.testing.assert_allclose(grads, 0.0, atol=1e-10)
+    if gradient == "dreg":  # IWAE-STL too
+        stl = jax.jit(jax.vmap(lambda k: _flatten(jax.grad(lambda p: ej.iwae_bound(k, x, toy.log_joint, distrax.MultivariateNormalDiag(p[0], jnp.exp(p[1])), num_samples=5, gradient="stl"))(params))))(keys(2, 20))
+        np.testing.assert_allclose(stl, 0.0, atol=1e-10)
+    plain = jax.jit(jax.vmap(lambda k: _flatten(jax.grad(estimate)(params, k, "reparam"))))(keys(2, 20))
+    assert np.abs(plain).max() > 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# Discrete latents: a categorical proposal on the Gaussian mixture, checked by enumeration.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixture(x64):
+    model = exact.GaussianMixture.random(jax.random.key(0), num_components=3, dim=2, separation=1.5, dtype=jnp.float64)
+    x = model.sample(jax.random.key(1), 1)[0][0]
+    logits = jnp.array([0.3, -0.2, 0.1])  # q far from the posterior
+    return model, x, logits
+
+
+def _exact_expected_iwae(model, x, logits, num_samples):
+    """E_q[L_K] by enumerating all C^K sample tuples."""
+    log_q = jax.nn.log_softmax(logits)
+    total = 0.0
+    for tup in itertools.product(range(model.num_components), repeat=num_samples):
+        z = jnp.array(tup)
+        lw = jax.vmap(lambda c: model.log_joint(x, c))(z) - log_q[z]
+        total = total + jnp.exp(jnp.sum(log_q[z])) * (jax.nn.logsumexp(lw) - np.log(num_samples))
+    return total
+
+
+def _discrete_gradients(model, x, logits, objective, key_array, **kwargs):
+    def estimate(lg, key):
+        return objective(key, x, model.log_joint, distrax.Categorical(logits=lg), **kwargs)
+
+    return jax.jit(jax.vmap(lambda k: jax.grad(estimate)(logits, k)))(key_array)
+
+
+def test_discrete_score_gradients_are_unbiased_and_baselines_reduce_variance(mixture):
+    model, x, logits = mixture
+    exact_grad = jax.grad(lambda lg: _exact_expected_iwae(model, x, lg, 1))(logits)  # K=1: the ELBO
+    plain = _discrete_gradients(model, x, logits, ej.elbo, keys(2, 20000), num_samples=4, gradient="score", baseline=0.0)
+    loo = _discrete_gradients(model, x, logits, ej.elbo, keys(3, 20000), num_samples=4, gradient="score")
+    _assert_unbiased(plain, exact_grad, "score")
+    _assert_unbiased(loo, exact_grad, "score + leave-one-out")
+    assert np.var(np.asarray(loo), 0).sum() < 0.5 * np.var(np.asarray(plain), 0).sum()
+
+
+def test_vimco_and_iwae_score_are_unbiased_for_the_expected_iwae_bound(mixture):
+    model, x, logits = mixture
+    exact_grad = jax.grad(lambda lg: _exact_expected_iwae(model, x, lg, 3))(logits)
+    vimco = _discrete_gradients(model, x, logits, ej.iwae_bound, keys(4, 20000), num_samples=3, gradient="vimco")
+    score = _discrete_gradients(model, x, logits, ej.iwae_bound, keys(5, 20000), num_samples=3, gradient="score")
+    vimco_chunked = _discrete_gradients(model, x, logits, ej.iwae_bound, keys(4, 50), num_samples=3, gradient="vimco", chunk_size=2)
+    np.testing.assert_allclose(vimco_chunked, vimco[:50], rtol=1e-10, atol=1e-12)
+    _assert_unbiased(vimco, exact_grad, "vimco")
+    _assert_unbiased(score, exact_grad, "iwae score")
+    assert np.var(np.asarray(vimco), 0).sum() < np.var(np.asarray(score), 0).sum()
+
+
+def test_pathwise_gradient_of_a_discrete_proposal_is_an_error(mixture):
+    model, x, logits = mixture
+    value = lambda lg, g="reparam": ej.elbo(jax.random.key(0), x, model.log_joint, distrax.Categorical(logits=lg), num_samples=2, gradient=g)
+    assert np.isfinite(value(logits))  # the value alone is fine
+    with pytest.raises(ValueError, match=r"gradient='reparam' needs a reparameterizable proposal, but Categorical cannot"):
+        jax.grad(value)(logits)
+    for g in ("stl",):
+        with pytest.raises(ValueError, match=rf"gradient='{g}' needs a reparameterizable proposal"):
+            value(logits, g)
+    with pytest.raises(ValueError, match=r"gradient='dreg' needs a reparameterizable proposal"):
+        ej.iwae_bound(jax.random.key(0), x, model.log_joint, distrax.Categorical(logits=logits), num_samples=2, gradient="dreg")
+    with pytest.raises(ValueError, match=r"needs a reparameterizable proposal"):
+        jax.grad(lambda lg: ej.elbo_analytic_kl(jax.random.key(0), x, model.log_likelihood, distrax.Categorical(logits=lg), model.prior))(logits)
+    # Differentiating only the model's parameters through a discrete sample is right, and allowed.
+    grad_means = jax.grad(lambda m: ej.elbo(jax.random.key(0), x, exact.GaussianMixture(model.logits, m, model.scales).log_joint, distrax.Categorical(logits=logits)))(model.means)
+    assert np.all(np.isfinite(grad_means))
+
+
+def test_gradient_argument_errors(mixture):
+    model, x, logits = mixture
+    q = distrax.Categorical(logits=logits)
+    with pytest.raises(ValueError, match=r"`gradient` for `elbo` must be one of 'reparam', 'stl', 'score'; got 'dreg'"):
+        ej.elbo(jax.random.key(0), x, model.log_joint, q, gradient="dreg")
+    with pytest.raises(ValueError, match=r"`baseline` is only used with gradient='score', got gradient='vimco'"):
+        ej.iwae_bound(jax.random.key(0), x, model.log_joint, q, num_samples=3, gradient="vimco", baseline=1.0)
+    with pytest.raises(ValueError, match=r"gradient='vimco' needs `num_samples` >= 2"):
+        ej.iwae_bound(jax.random.key(0), x, model.log_joint, q, num_samples=1, gradient="vimco")
+    with pytest.raises(ValueError, match=r"`baseline` must be a scalar"):
+        ej.elbo(jax.random.key(0), x, model.log_joint, q, gradient="score", baseline=jnp.zeros(2))
