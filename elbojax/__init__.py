@@ -3,7 +3,13 @@
 Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`.
 """
 
-from elbojax import exact
+from elbojax import exact, gradients
+from elbojax.bounds import (
+    combination_iwae_bound,
+    multi_iwae_bound,
+    partial_iwae_bound,
+    renyi_bound,
+)
 from elbojax.estimators import (
     elbo,
     elbo_analytic_kl,
@@ -22,14 +28,19 @@ __all__ = [
     "FiniteUniform",
     "TFPProposal",
     "as_proposal",
+    "combination_iwae_bound",
     "effective_sample_size",
     "elbo",
     "elbo_analytic_kl",
     "elbo_entropy",
     "exact",
+    "gradients",
     "importance_log_marginal",
     "iwae_bound",
     "log_weights",
     "logmeanexp",
+    "multi_iwae_bound",
     "naive_mc_log_marginal",
+    "partial_iwae_bound",
+    "renyi_bound",
 ]

@@ -1,0 +1,212 @@
+r"""More multi-sample bounds, each a reduction of the same log-weights $\ell_k = \log p(x, z_k) - \log q(z_k)$.
+
+| function | value | reference |
+|---|---|---|
+| `renyi_bound(..., alpha)` | $\frac{1}{1-\alpha}\log\frac1K\sum_k e^{(1-\alpha)\ell_k}$; $\alpha = 0$ is IWAE, $\alpha \to 1$ the ELBO | Li & Turner 2016 |
+| `multi_iwae_bound(..., num_groups)` | $\frac1M\sum_{m=1}^M \log\frac1K\sum_k e^{\ell_{mk}}$ (MIWAE) | Rainforth et al. 2018 |
+| `combination_iwae_bound(..., beta)` | $\beta\,\frac1K\sum_k\ell_k + (1-\beta)\log\frac1K\sum_k e^{\ell_k}$ (CIWAE), on the same samples | Rainforth et al. 2018 |
+| `partial_iwae_bound(..., num_groups)` | the IWAE bound over all $MK$ samples; the model's gradient is IWAE's, the proposal's is MIWAE's (PIWAE) | Rainforth et al. 2018 |
+
+**Names.** Rainforth et al.'s MIWAE ("multiply importance weighted") is *not* the MIWAE of
+Mattei & Frellsen (2019) for missing data; to keep them apart, elbojax calls this one
+`multi_iwae_bound` and never uses the bare acronym as a name.
+
+**Groups.** In `multi_iwae_bound` and `partial_iwae_bound`, group $m$ draws its $K$ samples with
+the key `fold_in(key, m)` exactly as `iwae_bound` would, so group $m$'s IWAE term equals
+`iwae_bound(fold_in(key, m), ...)`.
+
+References:
+  Li & Turner, *Rényi Divergence Variational Inference*, NeurIPS 2016, https://arxiv.org/abs/1602.02311;
+  Rainforth, Kosiorek, Le, Maddison, Igl, Wood & Teh, *Tighter Variational Bounds are Not
+  Necessarily Better*, ICML 2018, https://arxiv.org/abs/1802.04537
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from elbojax import _checks
+from elbojax import gradients as grads
+from elbojax.estimators import (
+    _draw,
+    _fold_chunks,
+    _log_joint,
+    _pathwise_log_weights,
+    _prepare,
+    elbo,
+    iwae_bound,
+)
+from elbojax.reductions import LogWeightSummary, combine, summarize, summary_logsumexp
+
+
+def _check_real(value, name):
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a Python float, got {value!r} of type {type(value).__name__}.")
+    return float(value)
+
+
+def renyi_bound(
+    key,
+    x,
+    log_joint,
+    proposal,
+    *,
+    alpha: float,
+    num_samples: int,
+    chunk_size: int | None = None,
+    gradient: str = "reparam",
+):
+    r"""The Rényi variational bound $\mathcal{L}_\alpha$ (Li & Turner 2016), Monte Carlo form.
+
+    $$\hat{\mathcal L}_\alpha = \frac{1}{1-\alpha}\log \frac1K \sum_{k=1}^K
+      \left(\frac{p(x, z_k)}{q(z_k)}\right)^{1-\alpha},\qquad z_k \sim q.$$
+
+    $\alpha = 0$ gives `iwae_bound`, $\alpha = 1$ (the limit) the ELBO, both on the same
+    samples; for fixed samples it is non-increasing in $\alpha$ (a power mean of the weights).
+    The exact $\mathcal L_\alpha$ lies below $\log p(x)$ for $\alpha > 0$ and above it for
+    $\alpha < 0$; the $K$-sample estimate is biased downward from $\mathcal L_\alpha$ (less so as
+    $K$ grows), so it is a lower bound on $\log p(x)$ in expectation for $\alpha \ge 0$.
+
+    Args:
+      key, x, log_joint, proposal, num_samples, chunk_size: as `elbojax.log_weights`.
+      alpha: a Python float.
+      gradient: `"reparam"` or `"stl"`.
+
+    Returns:
+      A scalar.
+    """
+    alpha = _check_real(alpha, "alpha")
+    grads.check_gradient(gradient, ("reparam", "stl"), "renyi_bound")
+    if alpha == 1.0:
+        return elbo(key, x, log_joint, proposal, num_samples=num_samples, chunk_size=chunk_size, gradient=gradient)
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
+    weights_fn = _pathwise_log_weights(problem, gradient)
+    power = 1.0 - alpha
+    summary = _fold_chunks(lambda s, c: summarize(power * weights_fn(s, c)), combine, problem)
+    return (summary_logsumexp(summary) - math.log(problem.num_samples)) / power
+
+
+def combination_iwae_bound(
+    key,
+    x,
+    log_joint,
+    proposal,
+    *,
+    beta: float,
+    num_samples: int,
+    chunk_size: int | None = None,
+    gradient: str = "reparam",
+):
+    r"""CIWAE (Rainforth et al. 2018): a convex combination of the ELBO and IWAE on the same samples.
+
+    $$\mathrm{CIWAE}_\beta = \beta\,\frac1K\sum_k \ell_k + (1-\beta)\,\log\frac1K\sum_k e^{\ell_k},
+      \qquad 0 \le \beta \le 1.$$
+
+    Args:
+      key, x, log_joint, proposal, num_samples, chunk_size: as `elbojax.log_weights`.
+      beta: the ELBO's weight, a Python float in $[0, 1]$.
+      gradient: `"reparam"` or `"stl"`.
+
+    Returns:
+      A scalar.
+    """
+    beta = _check_real(beta, "beta")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"`beta` must be in [0, 1], got {beta}.")
+    grads.check_gradient(gradient, ("reparam", "stl"), "combination_iwae_bound")
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
+    weights_fn = _pathwise_log_weights(problem, gradient)
+    summary: LogWeightSummary = _fold_chunks(lambda s, c: summarize(weights_fn(s, c)), combine, problem)
+    iwae = summary_logsumexp(summary) - math.log(problem.num_samples)
+    return beta * summary.total / problem.num_samples + (1.0 - beta) * iwae
+
+
+def _group_keys(key, num_groups: int):
+    _checks.check_key(key)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_groups, dtype=jnp.uint32))
+
+
+def multi_iwae_bound(
+    key,
+    x,
+    log_joint,
+    proposal,
+    *,
+    num_groups: int,
+    num_samples: int,
+    chunk_size: int | None = None,
+    gradient: str = "reparam",
+):
+    r"""Rainforth et al.'s MIWAE: the average of $M$ independent IWAE bounds of $K$ samples each.
+
+    $$\mathrm{MIWAE}_{M,K} = \frac1M \sum_{m=1}^M \log \frac1K \sum_{k=1}^K w_{mk}.$$
+
+    $M = 1$ is IWAE, $K = 1$ the ELBO with $M$ samples. Trading $K$ for $M$ loosens the bound but
+    raises the signal-to-noise ratio of the proposal's gradient. (Not the missing-data MIWAE of
+    Mattei & Frellsen 2019.)
+
+    Args:
+      key, x, log_joint, proposal, chunk_size: as `elbojax.iwae_bound`.
+      num_groups: $M \ge 1$.
+      num_samples: $K \ge 1$, samples per group.
+      gradient: any `iwae_bound` gradient estimator, applied within each group.
+
+    Returns:
+      A scalar.
+    """
+    num_groups = _checks.check_positive_int(num_groups, "num_groups")
+    bounds = jax.vmap(
+        lambda k: iwae_bound(k, x, log_joint, proposal, num_samples=num_samples, chunk_size=chunk_size, gradient=gradient)
+    )(_group_keys(key, num_groups))
+    return jnp.mean(bounds)
+
+
+def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samples: int):
+    r"""PIWAE (Rainforth et al. 2018): the model trains on IWAE, the proposal on MIWAE, same samples.
+
+    With $M$ groups of $K$ samples ($MK$ in all), the **value** is the IWAE bound over all $MK$
+    samples, $\log \frac{1}{MK}\sum_{m,k} w_{mk}$ (the model's objective, and the tighter of
+    the two). Under `jax.grad`, parameters reached through $\log p(x, z)$ directly (the model's)
+    get the gradient of that IWAE bound, while the proposal's parameters, reached through the
+    sample $z$ and $\log q$, get the gradient of $\mathrm{MIWAE}_{M,K}$:
+    $$\nabla_\theta: \sum_{mk} \tilde w_{mk} \nabla_\theta \log p(x, z_{mk}),\qquad
+      \nabla_\phi: \frac1M\sum_m \sum_k \tilde w^{(m)}_{mk} \nabla_\phi \ell_{mk},$$
+    with $\tilde w$ normalised over all $MK$ samples and $\tilde w^{(m)}$ within group $m$. The
+    routing is done at $z$ (its cotangent is rescaled) and at $\log q$, so parameters may be
+    shared. Not chunked: the normalised weights need every group at once.
+
+    Args:
+      key, x, log_joint, proposal: as `elbojax.iwae_bound`; the proposal must be reparameterizable.
+      num_groups: $M \ge 1$.
+      num_samples: $K \ge 1$, samples per group.
+
+    Returns:
+      A scalar.
+    """
+    num_groups = _checks.check_positive_int(num_groups, "num_groups")
+    group_keys = _group_keys(key, num_groups)
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, None, "dreg")
+
+    def draw_group(group_key):
+        return _draw(problem._replace(key=group_key), 0, problem.num_samples)
+
+    z, log_q = jax.vmap(draw_group)(group_keys)  # leading axes (M, K)
+    log_joint_mk = jax.vmap(lambda z_m: _log_joint(problem, z_m))
+    log_weights = jax.lax.stop_gradient(log_joint_mk(z) - log_q)  # (M, K)
+    lse_all = jax.nn.logsumexp(log_weights)
+    lse_group = jax.nn.logsumexp(log_weights, axis=1, keepdims=True)
+    model_weights = jnp.exp(log_weights - lse_all)  # IWAE over all M K
+    proposal_weights = jnp.exp(log_weights - lse_group) / num_groups  # MIWAE
+    # The ratio of the two weightings is the same for every k in a group: exp(lse - lse_m) / M.
+    ratio = jnp.broadcast_to(jnp.exp(lse_all - lse_group) / num_groups, log_weights.shape)
+    z_routed = jax.vmap(jax.vmap(grads.scale_cotangent))(z, ratio)
+    log_q_path = jax.vmap(jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k)))(z_routed)
+    z_fixed = jax.tree.map(jax.lax.stop_gradient, z)
+    log_q_fixed = jax.vmap(jax.vmap(problem.proposal.log_prob))(z_fixed)
+    score = log_q_fixed - jax.lax.stop_gradient(log_q_fixed)
+    surrogate = jnp.sum(model_weights * (log_joint_mk(z_routed) - log_q_path)) - jnp.sum(proposal_weights * score)
+    bound = lse_all - math.log(num_groups * problem.num_samples)
+    return bound + (surrogate - jax.lax.stop_gradient(surrogate))

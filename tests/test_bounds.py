@@ -1,0 +1,112 @@
+"""Rényi, MIWAE, CIWAE and PIWAE: limits, exactness at the posterior, and PIWAE's gradient routing."""
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import elbojax as ej
+from elbojax import exact
+
+
+@pytest.fixture
+def problem(x64):
+    model = exact.LinearGaussian.random(jax.random.key(0), data_dim=5, latent_dim=3, dtype=jnp.float64)
+    x = model.sample(jax.random.key(1), 1)[0][0]
+    q = distrax.MultivariateNormalDiag(model.posterior_mean(x) + 0.4, jnp.array([0.5, 0.9, 1.2]))
+    return model, x, q
+
+
+def test_renyi_limits_and_monotonicity(problem):
+    model, x, q = problem
+    key = jax.random.key(2)
+    renyi = lambda a, **kw: ej.renyi_bound(key, x, model.log_joint, q, alpha=a, num_samples=16, **kw)
+    np.testing.assert_allclose(renyi(0.0), ej.iwae_bound(key, x, model.log_joint, q, num_samples=16), rtol=1e-12)
+    elbo = ej.elbo(key, x, model.log_joint, q, num_samples=16)
+    np.testing.assert_allclose(renyi(1.0), elbo, rtol=1e-12)
+    np.testing.assert_allclose(renyi(1.0 - 1e-7), elbo, rtol=1e-5)
+    values = [float(renyi(a)) for a in (-2.0, -0.5, 0.0, 0.5, 0.99, 2.0, 5.0)]
+    assert all(a >= b - 1e-12 for a, b in zip(values, values[1:])), values
+    np.testing.assert_allclose(renyi(0.5, chunk_size=5), renyi(0.5), rtol=1e-12)
+
+
+def test_combination_iwae_endpoints_and_mixture(problem):
+    model, x, q = problem
+    key = jax.random.key(3)
+    ciwae = lambda b: ej.combination_iwae_bound(key, x, model.log_joint, q, beta=b, num_samples=16, chunk_size=6)
+    iwae = ej.iwae_bound(key, x, model.log_joint, q, num_samples=16)
+    elbo = ej.elbo(key, x, model.log_joint, q, num_samples=16)
+    np.testing.assert_allclose(ciwae(0.0), iwae, rtol=1e-12)
+    np.testing.assert_allclose(ciwae(1.0), elbo, rtol=1e-12)
+    np.testing.assert_allclose(ciwae(0.3), 0.3 * elbo + 0.7 * iwae, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"`beta` must be in \[0, 1\], got 1.5"):
+        ciwae(1.5)
+
+
+def test_multi_iwae_is_the_mean_of_group_iwae_bounds(problem):
+    model, x, q = problem
+    key = jax.random.key(4)
+    value = ej.multi_iwae_bound(key, x, model.log_joint, q, num_groups=4, num_samples=8)
+    groups = [ej.iwae_bound(jax.random.fold_in(key, m), x, model.log_joint, q, num_samples=8) for m in range(4)]
+    np.testing.assert_allclose(value, np.mean(groups), rtol=1e-12)
+    assert abs(float(value) - float(ej.iwae_bound(key, x, model.log_joint, q, num_samples=32))) > 1e-6
+
+
+@pytest.mark.parametrize(
+    "bound",
+    [
+        lambda k, x, m, q: ej.renyi_bound(k, x, m.log_joint, q, alpha=0.5, num_samples=6),
+        lambda k, x, m, q: ej.combination_iwae_bound(k, x, m.log_joint, q, beta=0.5, num_samples=6),
+        lambda k, x, m, q: ej.multi_iwae_bound(k, x, m.log_joint, q, num_groups=3, num_samples=4),
+        lambda k, x, m, q: ej.partial_iwae_bound(k, x, m.log_joint, q, num_groups=3, num_samples=4),
+    ],
+    ids=["renyi", "ciwae", "miwae", "piwae"],
+)
+def test_every_bound_is_exact_at_the_posterior(x64, bound):
+    toy = exact.GaussianToy.random(jax.random.key(0), dim=4, dtype=jnp.float64)
+    x = toy.sample(jax.random.key(1), 1)[0][0]
+    values = jax.vmap(lambda k: bound(k, x, toy, toy.posterior(x)))(jax.random.split(jax.random.key(2), 5))
+    np.testing.assert_allclose(values, toy.log_marginal(x), atol=1e-10)
+
+
+def test_piwae_routes_iwae_to_the_model_and_miwae_to_the_proposal(problem):
+    """Exact, on the same samples: model gradient = IWAE over all MK, proposal gradient = MIWAE."""
+    model, x, q = problem
+    key = jax.random.key(5)
+    M, K = 3, 4
+    params = (q.mean(), jnp.log(q.stddev()), model.bias)
+
+    def objective(which):
+        def f(p):
+            mean, log_scale, bias = p
+            m = exact.LinearGaussian(model.weight, bias, model.noise_variance)
+            qq = distrax.MultivariateNormalDiag(mean, jnp.exp(log_scale))
+            if which == "piwae":
+                return ej.partial_iwae_bound(key, x, m.log_joint, qq, num_groups=M, num_samples=K)
+            if which == "miwae":
+                return ej.multi_iwae_bound(key, x, m.log_joint, qq, num_groups=M, num_samples=K)
+            # IWAE over the same M K samples (group m's keys fold_in(key, m), then fold_in(., k)).
+            lw = jnp.concatenate([ej.log_weights(jax.random.fold_in(key, g), x, m.log_joint, qq, num_samples=K) for g in range(M)])
+            return jax.nn.logsumexp(lw) - jnp.log(M * K)
+        return f
+
+    value = objective("piwae")(params)
+    np.testing.assert_allclose(value, objective("iwae_all")(params), rtol=1e-12)
+    g_piwae = jax.grad(objective("piwae"))(params)
+    g_iwae = jax.grad(objective("iwae_all"))(params)
+    g_miwae = jax.grad(objective("miwae"))(params)
+    np.testing.assert_allclose(g_piwae[2], g_iwae[2], rtol=1e-10)  # model: IWAE
+    np.testing.assert_allclose(g_piwae[0], g_miwae[0], rtol=1e-10)  # proposal: MIWAE
+    np.testing.assert_allclose(g_piwae[1], g_miwae[1], rtol=1e-10)
+    assert np.abs(np.asarray(g_iwae[0]) - np.asarray(g_miwae[0])).max() > 1e-4  # they do differ
+
+
+def test_bound_argument_errors(problem):
+    model, x, q = problem
+    with pytest.raises(TypeError, match=r"`alpha` must be a Python float, got '0.5'"):
+        ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha="0.5", num_samples=2)
+    with pytest.raises(ValueError, match=r"`num_groups` must be an int >= 1, got 0"):
+        ej.multi_iwae_bound(jax.random.key(0), x, model.log_joint, q, num_groups=0, num_samples=2)
+    with pytest.raises(ValueError, match=r"`gradient` for `renyi_bound` must be one of 'reparam', 'stl'"):
+        ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha=0.5, num_samples=2, gradient="dreg")
