@@ -3,12 +3,20 @@
 Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`.
 """
 
-from elbojax import exact, gradients
+from elbojax import diagnostics, exact, gradients
 from elbojax.bounds import (
     combination_iwae_bound,
     multi_iwae_bound,
     partial_iwae_bound,
     renyi_bound,
+)
+from elbojax.diagnostics import (
+    ActiveUnits,
+    active_units,
+    gradient_snr,
+    kl_per_dimension,
+    pareto_k_hat,
+    pooled_gradient_snr,
 )
 from elbojax.estimators import (
     elbo,
@@ -25,22 +33,29 @@ from elbojax.reductions import effective_sample_size, logmeanexp
 __version__ = "0.1.0"
 
 __all__ = [
-    "FiniteUniform",
-    "TFPProposal",
+    "active_units",
+    "ActiveUnits",
     "as_proposal",
     "combination_iwae_bound",
+    "diagnostics",
     "effective_sample_size",
     "elbo",
     "elbo_analytic_kl",
     "elbo_entropy",
     "exact",
+    "FiniteUniform",
+    "gradient_snr",
     "gradients",
     "importance_log_marginal",
     "iwae_bound",
+    "kl_per_dimension",
     "log_weights",
     "logmeanexp",
     "multi_iwae_bound",
     "naive_mc_log_marginal",
+    "pareto_k_hat",
     "partial_iwae_bound",
+    "pooled_gradient_snr",
     "renyi_bound",
+    "TFPProposal",
 ]

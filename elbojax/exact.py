@@ -231,6 +231,22 @@ class GaussianToy:
         self._check((x, "x"))
         return distrax.MultivariateNormalDiag((x + self.mean) / 2, jnp.full_like(x, math.sqrt(0.5)))
 
+    def optimal_encoder_params(self):
+        r"""$(A^*, b^*) = (I/2, \mu/2)$: the encoder below then has the posterior's mean."""
+        return 0.5 * jnp.eye(self.dim, dtype=self.mean.dtype), 0.5 * self.mean
+
+    def encoder(self, params, x) -> distrax.Distribution:
+        r"""Rainforth et al.'s inference network $q(z \mid x) = \mathcal{N}(Ax + b, \tfrac23 I)$.
+
+        Args:
+          params: `(A, b)` with shapes `(D, D)` and `(D,)`.
+          x: `(D,)`.
+        """
+        weight, bias = params
+        self._check((x, "x"), (bias, "b"))
+        _checks.check_array_shape(weight, (self.dim, self.dim), "A")
+        return distrax.MultivariateNormalDiag(weight @ x + bias, jnp.full_like(bias, math.sqrt(2.0 / 3.0)))
+
     def sample(self, key, num_points: int):
         """Draw `(x, z)`, each of shape `(num_points, D)`."""
         num_points = _checks.check_positive_int(num_points, "num_points")
