@@ -3,7 +3,7 @@
 Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`.
 """
 
-from elbojax import diagnostics, exact, gradients
+from elbojax import diagnostics, discrete, exact, gradients
 from elbojax.bounds import (
     combination_iwae_bound,
     multi_iwae_bound,
@@ -17,6 +17,16 @@ from elbojax.diagnostics import (
     kl_per_dimension,
     pareto_k_hat,
     pooled_gradient_snr,
+)
+from elbojax.discrete import (
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
+    enumerated_elbo,
+    enumerated_elbo_bernoulli,
+    enumerated_log_marginal,
+    enumerated_mixed_elbo,
+    straight_through,
+    straight_through_bernoulli,
 )
 from elbojax.estimators import (
     elbo,
@@ -38,10 +48,15 @@ __all__ = [
     "as_proposal",
     "combination_iwae_bound",
     "diagnostics",
+    "discrete",
     "effective_sample_size",
     "elbo",
     "elbo_analytic_kl",
     "elbo_entropy",
+    "enumerated_elbo",
+    "enumerated_elbo_bernoulli",
+    "enumerated_log_marginal",
+    "enumerated_mixed_elbo",
     "exact",
     "FiniteUniform",
     "gradient_snr",
@@ -56,6 +71,10 @@ __all__ = [
     "pareto_k_hat",
     "partial_iwae_bound",
     "pooled_gradient_snr",
+    "RelaxedBernoulli",
+    "RelaxedOneHotCategorical",
     "renyi_bound",
+    "straight_through",
+    "straight_through_bernoulli",
     "TFPProposal",
 ]

@@ -30,7 +30,9 @@ weights are negligible and a rare sample dominates: the estimate jumps.
 **Chunking.** `chunk_size=c` draws and reduces the $K$ samples $c$ at a time inside a
 `lax.scan` with a running log-sum-exp and a running sum, so peak memory grows with $c$, not
 with $K$. Sample $k$'s key is `fold_in(key, k)` on every path, so the same key gives the same
-samples and, up to float rounding, the same value for any `chunk_size`. Each chunk is
+samples and, up to float rounding, the same value for any `chunk_size`; and the first $K$
+samples of a $K' > K$ draw are exactly the $K$-sample draw (so one `log_weights` call at the
+largest $K$ serves a whole sweep over $K$). Each chunk is
 rematerialised (`jax.checkpoint`) on the backward pass, so gradients keep the same memory
 bound (at the price of recomputing each chunk's forward pass once).
 

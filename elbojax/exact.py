@@ -127,20 +127,23 @@ class LinearGaussian:
     @property
     def posterior_covariance(self):
         r"""$\Sigma = (I + W^\top \Psi^{-1} W)^{-1}$, shape `(d, d)`; the same for every $x$."""
-        precision = jnp.eye(self.latent_dim, dtype=self.weight.dtype) + (
-            self.weight.T / self.noise_variance
-        ) @ self.weight
-        return jnp.linalg.inv(precision)
+        eye = jnp.eye(self.latent_dim, dtype=self.weight.dtype)
+        precision = eye + (self.weight.T / self.noise_variance) @ self.weight
+        return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(precision), True), eye)
+
+    def _posterior_mean(self, x, cov):
+        return cov @ (self.weight.T @ ((x - self.bias) / self.noise_variance))
 
     def posterior_mean(self, x):
         r"""$\Sigma W^\top \Psi^{-1}(x - b)$, shape `(d,)`."""
         self._check(x)
-        return self.posterior_covariance @ (self.weight.T @ ((x - self.bias) / self.noise_variance))
+        return self._posterior_mean(x, self.posterior_covariance)
 
     def posterior(self, x) -> distrax.Distribution:
         """The exact posterior $p(z \\mid x)$, a full-covariance Gaussian."""
+        self._check(x)
         cov = self.posterior_covariance
-        return distrax.MultivariateNormalTri(self.posterior_mean(x), jnp.linalg.cholesky(cov))
+        return distrax.MultivariateNormalTri(self._posterior_mean(x, cov), jnp.linalg.cholesky(cov))
 
     def elbo_diag_gaussian(self, x, mean, scale):
         r"""The exact ELBO of $q = \mathcal{N}(m, \mathrm{diag}\, s^2)$, in closed form.
@@ -360,10 +363,12 @@ class GaussianMixture:
         log_resp = jax.vmap(lambda x: self.posterior(x).logits)(data)
         resp = jnp.exp(log_resp)
         counts = jnp.sum(resp, axis=0)
-        means = (resp.T @ data) / counts[:, None]
+        # A component no point is responsible for keeps weight 0 (logit -inf) instead of NaN.
+        safe_counts = jnp.maximum(counts, jnp.finfo(counts.dtype).tiny)[:, None]
+        means = (resp.T @ data) / safe_counts
         # Centred form, not E[x^2] - mu^2, which cancels catastrophically in float32.
         centred_sq = (data[:, None, :] - means[None]) ** 2
-        variance = jnp.einsum("nc,ncd->cd", resp, centred_sq) / counts[:, None]
+        variance = jnp.einsum("nc,ncd->cd", resp, centred_sq) / safe_counts
         scales = jnp.sqrt(jnp.maximum(variance, min_scale**2))
         return GaussianMixture(jnp.log(counts / data.shape[0]), means, scales)
 

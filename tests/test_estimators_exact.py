@@ -146,3 +146,14 @@ def test_em_works_in_float32():
     _, history = exact.fit_em(start, data, num_steps=30)
     assert history.dtype == jnp.float32
     assert np.all(np.diff(np.asarray(history)) >= -1e-4)
+
+
+def test_em_step_with_an_empty_component_gives_no_nan(x64):
+    """A component far from every point gets weight 0 (logit -inf), not NaN means."""
+    model = exact.GaussianMixture(jnp.zeros(2), jnp.array([[0.0, 0.0], [1e4, 1e4]]), jnp.ones((2, 2)))
+    data = jax.random.normal(jax.random.key(0), (50, 2), jnp.float64)
+    updated = model.em_step(data)
+    assert np.all(np.isfinite(updated.means)) and np.all(np.isfinite(updated.scales))
+    assert updated.logits[1] == -np.inf
+    np.testing.assert_allclose(updated.mean_log_marginal(data), updated.mean_log_marginal(data))
+    assert np.isfinite(updated.mean_log_marginal(data))
