@@ -94,3 +94,11 @@ def test_peak_memory_grows_with_chunk_size_not_with_num_samples(with_gradient):
     assert unchunked > 20_000_000
     assert chunked_large_k < unchunked / 20
     assert chunked_large_k < 1.5 * chunked_small_k + 100_000
+
+
+def test_first_k_samples_of_a_larger_draw_are_the_k_sample_draw(problem):
+    model, x, mean, scale = problem
+    q = distrax.MultivariateNormalDiag(mean, scale)
+    small = ej.log_weights(jax.random.key(5), x, model.log_joint, q, num_samples=10)
+    large = ej.log_weights(jax.random.key(5), x, model.log_joint, q, num_samples=30, chunk_size=7)
+    np.testing.assert_allclose(large[:10], small, rtol=1e-6)
