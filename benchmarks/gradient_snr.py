@@ -119,7 +119,7 @@ def plot(ks, table, path):
         enc.loglog(ks, [table[name][k][0] for k in ks], "o-", label=name)
         dec.loglog(ks, [table[name][k][1] for k in ks], "o-", label=name)
     enc.set_title("encoder (A, b): pooled SNR")
-    dec.set_title("decoder (mu): pooled SNR")
+    dec.set_title("decoder (mu): pooled SNR (the same for all three)")
     for ax in (enc, dec):
         ax.set_xlabel("K (samples per data point)")
         ax.legend()

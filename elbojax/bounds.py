@@ -30,16 +30,8 @@ import jax.numpy as jnp
 
 from elbojax import _checks
 from elbojax import gradients as grads
-from elbojax.estimators import (
-    _draw,
-    _fold_chunks,
-    _log_joint,
-    _pathwise_log_weights,
-    _prepare,
-    elbo,
-    iwae_bound,
-)
-from elbojax.reductions import LogWeightSummary, combine, summarize, summary_logsumexp
+from elbojax.estimators import _draw, _log_joint, _pathwise_summary, _prepare, elbo, iwae_bound
+from elbojax.reductions import summary_logsumexp
 
 
 def _check_real(value, name):
@@ -83,9 +75,8 @@ def renyi_bound(
     if alpha == 1.0:
         return elbo(key, x, log_joint, proposal, num_samples=num_samples, chunk_size=chunk_size, gradient=gradient)
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
-    weights_fn = _pathwise_log_weights(problem, gradient)
     power = 1.0 - alpha
-    summary = _fold_chunks(lambda s, c: summarize(power * weights_fn(s, c)), combine, problem)
+    summary = _pathwise_summary(problem, gradient, power)
     return (summary_logsumexp(summary) - math.log(problem.num_samples)) / power
 
 
@@ -118,8 +109,7 @@ def combination_iwae_bound(
         raise ValueError(f"`beta` must be in [0, 1], got {beta}.")
     grads.check_gradient(gradient, ("reparam", "stl"), "combination_iwae_bound")
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
-    weights_fn = _pathwise_log_weights(problem, gradient)
-    summary: LogWeightSummary = _fold_chunks(lambda s, c: summarize(weights_fn(s, c)), combine, problem)
+    summary = _pathwise_summary(problem, gradient)
     iwae = summary_logsumexp(summary) - math.log(problem.num_samples)
     return beta * summary.total / problem.num_samples + (1.0 - beta) * iwae
 

@@ -188,7 +188,7 @@ def _score_log_weights(problem: _Problem):
 
     def chunk_fn(start, count):
         z, _ = _draw(problem, start, count)
-        z = grads._stop(z)
+        z = grads.stop_gradient_tree(z)
         log_q = jax.vmap(problem.proposal.log_prob)(z)
         log_weights = _log_joint(problem, z) - log_q
         score = log_q - jax.lax.stop_gradient(log_q)  # value 0, gradient: the score
@@ -197,10 +197,15 @@ def _score_log_weights(problem: _Problem):
     return chunk_fn
 
 
+def _pathwise_summary(problem: _Problem, gradient: str = "reparam", power: float = 1.0) -> LogWeightSummary:
+    """Running summary of `power` times the pathwise log-weights, chunk by chunk."""
+    weights_fn = _pathwise_log_weights(problem, gradient)
+    return _fold_chunks(lambda start, count: summarize(power * weights_fn(start, count)), combine, problem)
+
+
 def _log_mean_weight(problem: _Problem):
     r"""$\log \frac1K \sum_k w_k$: the reduction behind IWAE, IS and naive Monte Carlo."""
-    summary = _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, "reparam")(s, c)), combine, problem)
-    return summary_logsumexp(summary) - math.log(problem.num_samples)
+    return summary_logsumexp(_pathwise_summary(problem)) - math.log(problem.num_samples)
 
 
 def log_weights(key, x, log_joint, proposal, *, num_samples: int, chunk_size: int | None = None):
@@ -258,7 +263,7 @@ def elbo(
     _check_baseline(baseline, gradient)
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
     if gradient != "score":
-        summary = _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, gradient)(s, c)), combine, problem)
+        summary = _pathwise_summary(problem, gradient)
         return summary.total / num_samples
 
     def chunk_fn(start, count):
@@ -320,7 +325,7 @@ def iwae_bound(
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
     log_k = math.log(num_samples)
     if gradient in ("reparam", "stl"):
-        summary = _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, gradient)(s, c)), combine, problem)
+        summary = _pathwise_summary(problem, gradient)
         return summary_logsumexp(summary) - log_k
     if gradient == "dreg":
         return _iwae_dreg(problem)
@@ -336,10 +341,7 @@ def _iwae_dreg(problem: _Problem):
     """IWAE with the DReG surrogate; see `elbojax.gradients`."""
     fixed_lse = None
     if not _is_single_chunk(problem):
-        values = jax.lax.stop_gradient(
-            _fold_chunks(lambda s, c: summarize(_pathwise_log_weights(problem, "reparam")(s, c)), combine, problem)
-        )
-        fixed_lse = summary_logsumexp(values)
+        fixed_lse = jax.lax.stop_gradient(summary_logsumexp(_pathwise_summary(problem)))
 
     def chunk_fn(start, count):
         z, log_q = _draw(problem, start, count)

@@ -78,13 +78,14 @@ def check_gradient(gradient, allowed: tuple[str, ...], objective: str) -> str:
     return gradient
 
 
-def _stop(tree):
+def stop_gradient_tree(tree):
+    """`jax.lax.stop_gradient` on every leaf of a pytree."""
     return jax.tree.map(jax.lax.stop_gradient, tree)
 
 
 def path_only_log_prob(proposal, z):
     r"""$\log q(z)$ with its path gradient only: $\log q(z) - \log q(\bar z) + \overline{\log q(\bar z)}$."""
-    at_stopped = proposal.log_prob(_stop(z))
+    at_stopped = proposal.log_prob(stop_gradient_tree(z))
     return proposal.log_prob(z) - at_stopped + jax.lax.stop_gradient(at_stopped)
 
 

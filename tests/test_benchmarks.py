@@ -37,3 +37,17 @@ def test_estimator_speed_runs(tmp_path):
     assert "hand-written JAX" in stdout and "unchunked" in stdout
     assert (tmp_path / "estimator_speed.png").stat().st_size > 10_000
     assert (tmp_path / "estimator_speed.json").exists()
+
+
+@pytest.mark.slow
+def test_gradient_snr_runs(tmp_path):
+    stdout = _run("gradient_snr.py", tmp_path)
+    assert "dreg" in stdout and "VIMCO" in stdout
+    assert (tmp_path / "gradient_snr.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_gradient_speed_runs(tmp_path):
+    stdout = _run("gradient_speed.py", tmp_path)
+    assert "hand-written" in stdout and "dreg" in stdout
+    assert (tmp_path / "gradient_speed.json").exists()
