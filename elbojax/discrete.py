@@ -358,8 +358,25 @@ def _sum_trailing(values, num_axes: int):
     return jnp.sum(values, axis=tuple(range(values.ndim - num_axes, values.ndim)))
 
 
+class _Relaxed:
+    """Pytree plumbing shared by the relaxed distributions: `logits` and `temperature` are leaves."""
+
+    logits: jax.Array
+    temperature: jax.Array
+
+    def tree_flatten(self):
+        return (self.logits, self.temperature), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        del aux
+        obj = object.__new__(cls)
+        obj.logits, obj.temperature = children
+        return obj
+
+
 @jax.tree_util.register_pytree_node_class
-class RelaxedOneHotCategorical:
+class RelaxedOneHotCategorical(_Relaxed):
     r"""The Concrete (Gumbel-softmax) relaxation of a one-hot categorical, at temperature $\tau$.
 
     $$z = \mathrm{softmax}\big((l + g) / \tau\big),\qquad g_k \sim \mathrm{Gumbel}(0, 1),$$
@@ -435,19 +452,10 @@ class RelaxedOneHotCategorical:
     def __repr__(self):
         return f"RelaxedOneHotCategorical(event_shape={self.event_shape}, temperature={self.temperature})"
 
-    def tree_flatten(self):
-        return (self.logits, self.temperature), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        obj = object.__new__(cls)
-        obj.logits, obj.temperature = children
-        return obj
 
 
 @jax.tree_util.register_pytree_node_class
-class RelaxedBernoulli:
+class RelaxedBernoulli(_Relaxed):
     r"""The binary Concrete relaxation of independent Bernoulli bits, at temperature $\tau$.
 
     $$z = \sigma\big((a + L) / \tau\big),\qquad L = \log U - \log(1 - U) \sim \mathrm{Logistic}(0, 1),$$
@@ -504,15 +512,6 @@ class RelaxedBernoulli:
     def __repr__(self):
         return f"RelaxedBernoulli(event_shape={self.event_shape}, temperature={self.temperature})"
 
-    def tree_flatten(self):
-        return (self.logits, self.temperature), None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        del aux
-        obj = object.__new__(cls)
-        obj.logits, obj.temperature = children
-        return obj
 
 
 def _check_relaxed_sample(sample, name: str, min_ndim: int) -> jax.Array:

@@ -17,21 +17,9 @@ from tensorflow_probability.substrates import jax as tfp
 
 import elbojax as ej
 from elbojax import discrete, exact
-from helpers import keys
+from helpers import SE_LIMIT, assert_within_se, keys, mean_and_se_along_draws
 
 tfd = tfp.distributions
-SE_LIMIT = 4.0
-
-
-def _mean_and_se(draws):
-    draws = np.asarray(draws, np.float64)
-    return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(draws.shape[0])
-
-
-def _assert_within_se(draws, expected, name):
-    mean, se = _mean_and_se(draws)
-    z = np.abs(mean - np.asarray(expected)) / np.maximum(se, 1e-12)
-    assert np.all(z < SE_LIMIT), (name, mean, np.asarray(expected), se)
 
 
 def _np_log_softmax(logits):
@@ -106,7 +94,7 @@ def test_enumerated_elbo_is_the_zero_variance_mean_of_the_sampled_elbo(mixture):
 
     sampled, enumerated = run(keys(0, 4000))
     assert np.std(sampled) > 0.1  # the Monte Carlo estimate varies, around the enumerated value
-    _assert_within_se(sampled, enumerated, "sampled vs enumerated")
+    assert_within_se(sampled, enumerated, "sampled vs enumerated")
 
 
 def test_enumerated_elbo_gradients_are_exact(mixture):
@@ -230,7 +218,7 @@ def test_bernoulli_enumeration_matches_brute_force(x64):
     np.testing.assert_allclose(value, reference_value, rtol=1e-13)
     np.testing.assert_allclose(grad, reference_grad, rtol=1e-12)
     assert value < log_marginal - 0.1
-    _assert_within_se(sampled, value, "sampled Bernoulli ELBO")
+    assert_within_se(sampled, value, "sampled Bernoulli ELBO")
     reference_value, reference_grad = _np_brute_force(x, pinned)
     np.testing.assert_allclose(pinned_value, reference_value, rtol=1e-13)
     assert np.all(np.isfinite(pinned_grad)) and pinned_grad[1] == 0.0
@@ -338,8 +326,8 @@ def test_mixed_enumeration_is_unbiased_with_unbiased_gradients(mixture_of_factor
 
     (values, grads), exact_value, exact_grad, log_marginal = run(keys(7, 3000))
     assert exact_value < log_marginal - 0.1
-    _assert_within_se(values, exact_value, "mixed ELBO")
-    _assert_within_se(grads, exact_grad, "mixed ELBO gradient")
+    assert_within_se(values, exact_value, "mixed ELBO")
+    assert_within_se(grads, exact_grad, "mixed ELBO gradient")
 
 
 def test_mixed_enumeration_draws_independent_samples_for_each_class(x64):
@@ -449,10 +437,10 @@ def test_relaxation_bias_shrinks_with_the_temperature(x64):
     for draws, exact_value, kind in zip(run(), exact_values, ("categorical", "bernoulli")):
         errors = np.asarray(draws) - exact_value  # (temperature, sample)
         biases = np.abs(errors.mean(1))
-        assert biases[0] > 20 * _mean_and_se(errors[0])[1], (kind, biases)  # a real bias at tau = 2
+        assert biases[0] > 20 * mean_and_se_along_draws(errors[0])[1], (kind, biases)  # a real bias at tau = 2
         for hotter, colder in zip(errors, errors[1:]):
             # |bias| falls by more than 4 standard errors of the paired difference.
-            assert abs(hotter.mean()) - abs(colder.mean()) > SE_LIMIT * _mean_and_se(hotter - colder)[1], (kind, biases)
+            assert abs(hotter.mean()) - abs(colder.mean()) > SE_LIMIT * mean_and_se_along_draws(hotter - colder)[1], (kind, biases)
         assert biases[-1] < 0.05 * biases[0], (kind, biases)
 
 
@@ -486,11 +474,11 @@ def test_straight_through_is_exactly_one_hot_with_the_relaxed_gradient():
         assert set(np.unique(np.asarray(hard))) == {0.0, 1.0} and np.all(np.asarray(hard).sum(-1) == 1.0)
         np.testing.assert_array_equal(hard, np.eye(4, dtype=np.float32)[np.argmax(z, -1)])
         # The forward value is an exact categorical sample (Gumbel-max), at any temperature.
-        _assert_within_se(np.asarray(hard), np.exp(_np_log_softmax(logits)), "straight-through frequencies")
+        assert_within_se(np.asarray(hard), np.exp(_np_log_softmax(logits)), "straight-through frequencies")
     assert np.any(samples[1] == 0.0)
     assert set(np.unique(np.asarray(hard_bits))) == {0.0, 1.0} and hard_bits.dtype == bits.dtype
     np.testing.assert_array_equal(hard_bits, (np.asarray(bits) > 0.5).astype(np.float32))
-    _assert_within_se(np.asarray(hard_bits), 1 / (1 + np.exp(-np.asarray(bit_logits))), "straight-through bits")
+    assert_within_se(np.asarray(hard_bits), 1 / (1 + np.exp(-np.asarray(bit_logits))), "straight-through bits")
     # The gradient is the relaxed sample's, exactly.
     np.testing.assert_array_equal(grads[0], grads[1])
     np.testing.assert_array_equal(grads[2], grads[3])

@@ -10,20 +10,8 @@ import pytest
 
 import elbojax as ej
 from elbojax import exact
-from helpers import keys
+from helpers import SE_LIMIT, assert_within_se, keys, mean_and_se_along_draws
 
-SE_LIMIT = 4.0
-
-
-def _mean_and_se(draws):
-    draws = np.asarray(draws, np.float64)
-    return draws.mean(0), draws.std(0, ddof=1) / np.sqrt(draws.shape[0])
-
-
-def _assert_unbiased(draws, exact_gradient, name):
-    mean, se = _mean_and_se(draws)
-    z = np.abs(mean - np.asarray(exact_gradient)) / np.maximum(se, 1e-12)
-    assert np.all(z < SE_LIMIT), (name, mean, np.asarray(exact_gradient), se)
 
 
 @pytest.fixture
@@ -71,7 +59,7 @@ def test_elbo_gradient_estimators_are_unbiased(linear_gaussian, case):
     value = estimate(params, jax.random.key(3))
     reparam_value = ej.elbo(jax.random.key(3), x, model.log_joint, distrax.MultivariateNormalDiag(params[0], jnp.exp(params[1])), num_samples=kwargs["num_samples"])
     np.testing.assert_allclose(value, reparam_value, rtol=1e-12)
-    _assert_unbiased(draws, _flatten(jax.grad(closed_form)(params)), case)
+    assert_within_se(draws, _flatten(jax.grad(closed_form)(params)), case)
 
 
 @pytest.mark.parametrize("form", ["analytic_kl", "entropy"])
@@ -91,7 +79,7 @@ def test_other_elbo_forms_have_unbiased_pathwise_gradients(linear_gaussian, form
         return _with_bias(model, bias).elbo_diag_gaussian(x, mean, jnp.exp(log_scale))
 
     draws = jax.jit(jax.vmap(lambda k: _flatten(jax.grad(estimate)(params, k))))(keys(4, 4000))
-    _assert_unbiased(draws, _flatten(jax.grad(closed_form)(params)), form)
+    assert_within_se(draws, _flatten(jax.grad(closed_form)(params)), form)
 
 
 def _iwae_gradients(model, x, params, gradient, num_samples, key_array, **kwargs):
@@ -119,7 +107,7 @@ def test_iwae_gradient_estimators_agree_in_mean_with_plain_iwae(linear_gaussian,
     model, x, params = linear_gaussian
     reference = _iwae_gradients(model, x, params, "reparam", 8, keys(6, 8000))
     other = _iwae_gradients(model, x, params, gradient, 8, keys(7, 8000))
-    (m1, se1), (m2, se2) = _mean_and_se(reference), _mean_and_se(other)
+    (m1, se1), (m2, se2) = mean_and_se_along_draws(reference), mean_and_se_along_draws(other)
     assert np.all(np.abs(m1 - m2) < SE_LIMIT * np.hypot(se1, se2)), (gradient, m1, m2, np.hypot(se1, se2))
 
 
@@ -128,7 +116,7 @@ def test_iwae_stl_is_biased_for_iwae(linear_gaussian):
     model, x, params = linear_gaussian
     reference = _iwae_gradients(model, x, params, "reparam", 8, keys(8, 8000))
     stl = _iwae_gradients(model, x, params, "stl", 8, keys(9, 8000))
-    (m1, se1), (m2, se2) = _mean_and_se(reference), _mean_and_se(stl)
+    (m1, se1), (m2, se2) = mean_and_se_along_draws(reference), mean_and_se_along_draws(stl)
     z = np.abs(m1 - m2) / np.hypot(se1, se2)
     assert z[:6].max() > 8, z  # the proposal's gradient: clearly biased
     assert np.all(z[6:] < SE_LIMIT), z  # the model's: unchanged
@@ -193,8 +181,8 @@ def test_discrete_score_gradients_are_unbiased_and_baselines_reduce_variance(mix
     exact_grad = jax.grad(lambda lg: _exact_expected_iwae(model, x, lg, 1))(logits)  # K=1: the ELBO
     plain = _discrete_gradients(model, x, logits, ej.elbo, keys(2, 20000), num_samples=4, gradient="score", baseline=0.0)
     loo = _discrete_gradients(model, x, logits, ej.elbo, keys(3, 20000), num_samples=4, gradient="score")
-    _assert_unbiased(plain, exact_grad, "score")
-    _assert_unbiased(loo, exact_grad, "score + leave-one-out")
+    assert_within_se(plain, exact_grad, "score")
+    assert_within_se(loo, exact_grad, "score + leave-one-out")
     assert np.var(np.asarray(loo), 0).sum() < 0.5 * np.var(np.asarray(plain), 0).sum()
 
 
@@ -205,8 +193,8 @@ def test_vimco_and_iwae_score_are_unbiased_for_the_expected_iwae_bound(mixture):
     score = _discrete_gradients(model, x, logits, ej.iwae_bound, keys(5, 20000), num_samples=3, gradient="score")
     vimco_chunked = _discrete_gradients(model, x, logits, ej.iwae_bound, keys(4, 50), num_samples=3, gradient="vimco", chunk_size=2)
     np.testing.assert_allclose(vimco_chunked, vimco[:50], rtol=1e-10, atol=1e-12)
-    _assert_unbiased(vimco, exact_grad, "vimco")
-    _assert_unbiased(score, exact_grad, "iwae score")
+    assert_within_se(vimco, exact_grad, "vimco")
+    assert_within_se(score, exact_grad, "iwae score")
     assert np.var(np.asarray(vimco), 0).sum() < np.var(np.asarray(score), 0).sum()
 
 
@@ -239,3 +227,16 @@ def test_gradient_argument_errors(mixture):
         ej.iwae_bound(jax.random.key(0), x, model.log_joint, q, num_samples=1, gradient="vimco")
     with pytest.raises(ValueError, match=r"`baseline` must be a scalar"):
         ej.elbo(jax.random.key(0), x, model.log_joint, q, gradient="score", baseline=jnp.zeros(2))
+
+
+def test_a_learned_baseline_trains_by_regression_on_the_returned_value(linear_gaussian):
+    """The README's recipe: the estimator holds the baseline fixed; the regression term trains it."""
+    model, x, params = linear_gaussian
+    q = distrax.MultivariateNormalDiag(params[0], jnp.exp(params[1]))
+
+    def loss(baseline):
+        value = ej.elbo(jax.random.key(0), x, model.log_joint, q, gradient="score", baseline=baseline)
+        return -value + (jax.lax.stop_gradient(value) - baseline) ** 2, value
+
+    (_, value), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(-3.0))
+    np.testing.assert_allclose(grad, -2 * (value - (-3.0)), rtol=1e-12)

@@ -4,7 +4,6 @@ import distrax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import elbojax as ej
 from elbojax import exact
