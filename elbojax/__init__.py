@@ -3,7 +3,7 @@
 Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`.
 """
 
-from elbojax import diagnostics, discrete, exact, gradients
+from elbojax import data, diagnostics, discrete, exact, gradients
 from elbojax.bounds import (
     combination_iwae_bound,
     multi_iwae_bound,
@@ -47,6 +47,7 @@ __all__ = [
     "ActiveUnits",
     "as_proposal",
     "combination_iwae_bound",
+    "data",
     "diagnostics",
     "discrete",
     "effective_sample_size",
