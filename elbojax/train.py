@@ -157,3 +157,145 @@ def make_multi_step(step):
         return jax.lax.scan(lambda s, xs: step(s, *xs), state, (batches, indices))
 
     return multi_step
+
+
+# ------------------------------------------------------------------------------------------------
+# The host loop: batches, checkpoints, metrics, progress.
+# ------------------------------------------------------------------------------------------------
+
+
+class FitConfig(NamedTuple):
+    """Settings of `fit` (all plain Python values).
+
+    Attributes:
+      seed: the run's seed (batch order, binarization and every sample derive from it).
+      batch_size: examples per step.
+      num_steps: train until `TrainState.step` reaches this.
+      steps_per_call: steps per jitted `lax.scan` call.
+      checkpoint_every: save every this many steps (a multiple of `steps_per_call`), and at the end.
+      keep_checkpoints: how many checkpoints to keep.
+      max_skipped_in_a_row: stop the run after this many consecutive non-finite steps.
+      binarize: `"dynamic"` (fresh Bernoulli(pixel/255) per batch, from uint8 grey levels) or
+        `"none"` (the data are used as given; for a Bernoulli decoder they must be binary).
+    """
+
+    seed: int = 0
+    batch_size: int = 100
+    num_steps: int = 1000
+    steps_per_call: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    max_skipped_in_a_row: int = 10
+    binarize: str = "dynamic"
+
+
+def _check_config(config: FitConfig, num_examples: int) -> None:
+    for name in ("batch_size", "num_steps", "steps_per_call", "checkpoint_every", "keep_checkpoints", "max_skipped_in_a_row"):
+        _checks.check_positive_int(getattr(config, name), name)
+    if config.checkpoint_every % config.steps_per_call:
+        raise ValueError(
+            f"`checkpoint_every` ({config.checkpoint_every}) must be a multiple of `steps_per_call` "
+            f"({config.steps_per_call}): checkpoints fall on the boundaries of the scanned calls."
+        )
+    if config.binarize not in ("dynamic", "none"):
+        raise ValueError(f"`binarize` must be 'dynamic' or 'none', got {config.binarize!r}.")
+    if config.batch_size > num_examples:
+        raise ValueError(f"`batch_size` ({config.batch_size}) exceeds the number of examples ({num_examples}).")
+
+
+def _batches_for(images, config: FitConfig, first_step: int, count: int):
+    """The stacked batches `(count, B, D)` and global indices `(count, B)` of steps first..first+count-1."""
+    from elbojax import data
+
+    num_examples = images.shape[0]
+    per_epoch = num_examples // config.batch_size
+    xs, indices = [], []
+    for step in range(first_step, first_step + count):
+        epoch, position = divmod(step, per_epoch)
+        index = data.batch_indices(config.seed, epoch, num_examples, config.batch_size)[position]
+        batch = images[index]
+        if config.binarize == "dynamic":
+            batch = data.dynamic_binarize(batch, seed=config.seed, epoch=epoch, step=position)
+        xs.append(batch.reshape(config.batch_size, -1))
+        indices.append(index)
+    return jnp.asarray(jnp.stack(xs), jnp.float32), jnp.asarray(jnp.stack(indices), jnp.int32)
+
+
+def fit(graphdef, state: TrainState, optimizer, per_point: Objective, images, *, run_dir, config: FitConfig = FitConfig(), progress: bool = True) -> TrainState:
+    """Train until `config.num_steps`, resuming from the latest checkpoint in `run_dir` if there is one.
+
+    Checkpoints (orbax) are written every `config.checkpoint_every` steps and at the end, keeping
+    the last `config.keep_checkpoints`; metrics go to `run_dir/metrics.jsonl`, one line per call.
+    Because every key and batch is a function of the step, a run interrupted at any point (even
+    killed) and resumed reaches the same parameters as an uninterrupted one.
+
+    Args:
+      graphdef, state: from `init` (the state is the starting point when there is no checkpoint,
+        and the structure to restore into when there is).
+      optimizer: the optax optimizer `state` was made with.
+      per_point: the per-data-point objective, e.g. `objective("iwae", num_samples=5)`.
+      images: `(N, ...)`: uint8 grey levels for `binarize="dynamic"`, else binary floats.
+      run_dir: the run's folder.
+      config: a `FitConfig`.
+      progress: show a tqdm progress bar with the running bound.
+
+    Returns:
+      The final `TrainState`.
+    """
+    import json
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    from elbojax import data
+
+    images = np.asarray(images)
+    _check_config(config, images.shape[0])
+    if config.binarize == "none":
+        data.check_binary(images, "images")
+    elif images.dtype != np.uint8:
+        raise TypeError(f"binarize='dynamic' needs uint8 grey levels, got dtype {images.dtype}; pass binarize='none' for data that are already binary.")
+
+    run_dir = Path(run_dir)
+    manager = ocp.CheckpointManager(
+        (run_dir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=False),
+    )
+    if manager.latest_step() is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+
+    multi_step = jax.jit(make_multi_step(make_step(graphdef, optimizer, per_point, seed=config.seed)))
+    start = int(state.step)
+    bar = tqdm(total=config.num_steps, initial=start, disable=not progress, desc="training", unit="step")
+    with open(run_dir / "metrics.jsonl", "a") as metrics:
+        while int(state.step) < config.num_steps:
+            first = int(state.step)
+            count = min(config.steps_per_call, config.num_steps - first)
+            batches, indices = _batches_for(images, config, first, count)
+            began = time.perf_counter()
+            state, info = multi_step(state, batches, indices)
+            objective_mean = float(jnp.mean(jnp.where(info.finite, info.objective, jnp.nan)))
+            record = {"step": int(state.step), "objective": objective_mean, "num_skipped": int(state.num_skipped), "seconds": time.perf_counter() - began}
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.update(count)
+            bar.set_postfix(bound=f"{objective_mean:.2f}")
+            step = int(state.step)
+            if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
+                manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                manager.wait_until_finished()
+                raise RuntimeError(
+                    f"Stopped at step {step}: {int(state.skipped_in_a_row)} steps in a row had a non-finite "
+                    "loss or gradient (skipped, parameters untouched). Lower the learning rate or check "
+                    f"the data and the model; the last good state is checkpointed in {run_dir / 'checkpoints'}."
+                )
+            if step % config.checkpoint_every == 0 or step == config.num_steps:
+                manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                manager.wait_until_finished()
+    bar.close()
+    manager.close()
+    return state

@@ -100,3 +100,92 @@ def test_step_argument_errors(setup):
         step(state, data[:8], jnp.arange(4))
     with pytest.raises(ValueError, match=r"`name` must be one of \['elbo', 'iwae'\], got 'vae'"):
         train.objective("vae")
+
+
+# ------------------------------------------------------------------------------------------------
+# fit: checkpoints and resumption
+# ------------------------------------------------------------------------------------------------
+
+IMAGES = np.random.default_rng(0).integers(0, 256, size=(64, 6), dtype=np.uint8)
+CONFIG = train.FitConfig(seed=3, batch_size=8, num_steps=40, steps_per_call=5, checkpoint_every=10, keep_checkpoints=2)
+
+
+def _fit(run_dir, num_steps):
+    graphdef, state, _ = _fresh()
+    per_point = train.objective("iwae", num_samples=4)
+    return train.fit(graphdef, state, optax.adam(1e-2), per_point, IMAGES, run_dir=run_dir, config=CONFIG._replace(num_steps=num_steps), progress=False)
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    whole = _fit(tmp_path / "whole", 40)
+    _fit(tmp_path / "split", 20)
+    resumed = _fit(tmp_path / "split", 40)
+    assert int(resumed.step) == 40
+    _assert_same_params(resumed, whole)
+    lines = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 8  # 4 calls of 5 steps, then 4 more after the resume
+    kept = sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir())
+    assert kept == ["30", "40"], kept  # the last two
+
+
+def _finished_checkpoints(folder):
+    """Steps of the finished checkpoints (orbax writes into `N.orbax-checkpoint-tmp*` first)."""
+    return [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.exists() else []
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    run_dir = tmp_path / "killed"
+    script = f"""
+import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_train
+test_train._fit({str(run_dir)!r}, 10**7)
+"""
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    checkpoints = run_dir / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = _finished_checkpoints(checkpoints)
+        if done and max(done) >= 30:
+            break
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    latest = max(_finished_checkpoints(checkpoints))
+    target = latest + 20
+    resumed = _fit(run_dir, target)
+    whole = _fit(tmp_path / "whole", target)
+    assert int(resumed.step) == target
+    _assert_same_params(resumed, whole)
+
+
+def test_fit_refuses_bad_data_and_config(tmp_path):
+    graphdef, state, _ = _fresh()
+    per_point = train.objective("elbo", num_samples=1)
+    floats = IMAGES.astype(np.float32) / 255.0
+    with pytest.raises(ValueError, match=r"images"):
+        train.fit(graphdef, state, optax.adam(1e-2), per_point, floats, run_dir=tmp_path, config=CONFIG._replace(binarize="none"), progress=False)
+    with pytest.raises(TypeError, match=r"binarize='dynamic' needs uint8 grey levels, got dtype float32"):
+        train.fit(graphdef, state, optax.adam(1e-2), per_point, floats, run_dir=tmp_path, config=CONFIG, progress=False)
+    with pytest.raises(ValueError, match=r"`checkpoint_every` \(7\) must be a multiple of `steps_per_call` \(5\)"):
+        train.fit(graphdef, state, optax.adam(1e-2), per_point, IMAGES, run_dir=tmp_path, config=CONFIG._replace(checkpoint_every=7), progress=False)
+
+
+def test_fit_stops_after_too_many_non_finite_steps(tmp_path):
+    graphdef, state, _ = _fresh(lr=1e30)  # diverges at once
+    per_point = train.objective("elbo", num_samples=1)
+    with pytest.raises(RuntimeError, match=r"steps in a row had a non-finite loss or gradient"):
+        train.fit(graphdef, state, optax.sgd(1e30), per_point, IMAGES, run_dir=tmp_path, config=CONFIG._replace(max_skipped_in_a_row=3, num_steps=400), progress=False)
