@@ -189,3 +189,16 @@ def test_fit_stops_after_too_many_non_finite_steps(tmp_path):
     per_point = train.objective("elbo", num_samples=1)
     with pytest.raises(RuntimeError, match=r"steps in a row had a non-finite loss or gradient"):
         train.fit(graphdef, state, optax.sgd(1e30), per_point, IMAGES, run_dir=tmp_path, config=CONFIG._replace(max_skipped_in_a_row=3, num_steps=400), progress=False)
+
+
+def test_evaluate_reports_consistent_numbers(setup):
+    graphdef, state, _ = _fresh()
+    binary = (np.asarray(setup) > 0).astype(np.float32)[:6]
+    result = train.evaluate(graphdef, state.params, binary, num_samples=400, chunk_size=64, elbo_samples=50)
+    assert result.num_points == 6 and result.num_samples == 400
+    assert result.elbo < result.log_likelihood  # a bound below the (near-exact) estimate
+    assert result.kl_per_dimension.shape == (2,) and np.isclose(result.kl, result.kl_per_dimension.sum())
+    np.testing.assert_allclose(result.bits_per_dim, -result.log_likelihood / (6 * np.log(2)))
+    assert 0 <= result.active_units <= 2 and result.log_likelihood_se > 0
+    with pytest.raises(ValueError, match=r"data"):
+        train.evaluate(graphdef, state.params, np.full((2, 6), 0.5, np.float32))
