@@ -3,7 +3,7 @@
 Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`.
 """
 
-from elbojax import data, diagnostics, discrete, exact, gradients
+from elbojax import data, diagnostics, discrete, exact, gradients, models
 from elbojax.bounds import (
     combination_iwae_bound,
     multi_iwae_bound,
@@ -67,6 +67,7 @@ __all__ = [
     "kl_per_dimension",
     "log_weights",
     "logmeanexp",
+    "models",
     "multi_iwae_bound",
     "naive_mc_log_marginal",
     "pareto_k_hat",

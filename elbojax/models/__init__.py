@@ -1,0 +1,32 @@
+"""Flax NNX models whose `log_joint` and `proposal(x)` plug into every elbojax estimator.
+
+Encoders, decoders and priors are NNX modules that take `rngs` only at construction and build
+distrax distributions (or likelihood parameters) for ONE data point; `VAE` and `TwoLayerVAE` tie
+them together. The likelihood functions are exported for users who write their own `log_joint`.
+"""
+
+from elbojax.models.decoders import BernoulliMLPDecoder, GaussianMLPDecoder
+from elbojax.models.encoders import GaussianMLPEncoder
+from elbojax.models.hierarchical import HierarchicalProposal, TwoLayerVAE
+from elbojax.models.likelihoods import (
+    bernoulli_log_likelihood,
+    bias_from_data_mean,
+    gaussian_log_likelihood,
+)
+from elbojax.models.priors import MixturePrior, StandardNormalPrior, VampPrior
+from elbojax.models.vae import VAE
+
+__all__ = [
+    "BernoulliMLPDecoder",
+    "bernoulli_log_likelihood",
+    "bias_from_data_mean",
+    "GaussianMLPDecoder",
+    "GaussianMLPEncoder",
+    "gaussian_log_likelihood",
+    "HierarchicalProposal",
+    "MixturePrior",
+    "StandardNormalPrior",
+    "TwoLayerVAE",
+    "VAE",
+    "VampPrior",
+]

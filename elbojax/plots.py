@@ -1,0 +1,122 @@
+"""The pictures a person wants after training: curves, reconstructions, samples, the latent space.
+
+Each function writes one PNG with matplotlib's Agg backend and returns its path. The model is any
+`elbojax.models.VAE`-like module with `proposal(x)`, `reconstruct(key, x)` and
+`sample_prior(key, n)` for 28 x 28 images.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(images, columns: int):
+    """Tile `(n, 784)` images into one `(rows*28, columns*28)` array."""
+    images = np.asarray(images).reshape(-1, 28, 28)
+    rows = -(-images.shape[0] // columns)
+    canvas = np.ones((rows * 28, columns * 28))
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = image
+    return canvas
+
+
+def training_curve(run_dir: Path) -> Path:
+    """The bound per step from `metrics.jsonl`."""
+    plt = _pyplot()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [r["objective"] for r in records])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training bound (nats, batch mean)")
+    ax.set_title("Training curve")
+    ax.grid(alpha=0.3)
+    path = run_dir / "training_curve.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reconstructions(run_dir: Path, model, test, *, seed: int, count: int = 10) -> Path:
+    """Inputs (top row) next to their reconstructions E[x | z], z ~ q(z | x) (bottom row)."""
+    plt = _pyplot()
+    x = jnp.asarray(test[:count])
+    recon = jax.vmap(model.reconstruct)(jax.random.split(jax.random.key(seed), x.shape[0]), x)
+    fig, ax = plt.subplots(figsize=(count, 2.2))
+    ax.imshow(_grid(np.concatenate([np.asarray(x), np.asarray(recon)]), count), cmap="gray_r", vmin=0, vmax=1)
+    ax.set_title("test inputs (top) and reconstructions (bottom)")
+    ax.axis("off")
+    path = run_dir / "reconstructions.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def samples(run_dir: Path, model, *, seed: int, count: int = 64) -> Path:
+    """E[x | z] for z drawn from the prior."""
+    plt = _pyplot()
+    _, means = model.sample_prior(jax.random.key(seed + 1), count)
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(_grid(means, 8), cmap="gray_r", vmin=0, vmax=1)
+    ax.set_title("samples: E[x | z], z ~ p(z)")
+    ax.axis("off")
+    path = run_dir / "samples.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latent_space(run_dir: Path, model, test, labels) -> Path:
+    """E_q[z] of the test points: the two coordinates if the latent is 2-D, else a PCA projection."""
+    plt = _pyplot()
+    means = np.asarray(jax.vmap(lambda x: model.proposal(x).mean())(jnp.asarray(test)))
+    if means.shape[1] == 2:
+        points, axes = means, ("z1", "z2")
+    else:
+        centred = means - means.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        points, axes = centred @ vt[:2].T, ("principal component 1", "principal component 2")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels if labels is not None else None, cmap="tab10", s=6)
+    if labels is not None:
+        fig.colorbar(scatter, ax=ax, label="digit")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title("latent space: E_q[z | x] of test points")
+    path = run_dir / "latent_space.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_run_plots(run_dir, graphdef, params, test, labels, *, seed: int = 0) -> list[Path]:
+    """All four plots of a run; returns their paths."""
+    from flax import nnx
+
+    run_dir = Path(run_dir)
+    model = nnx.merge(graphdef, params)
+    return [
+        training_curve(run_dir),
+        reconstructions(run_dir, model, test, seed=seed),
+        samples(run_dir, model, seed=seed),
+        latent_space(run_dir, model, test, labels),
+    ]
