@@ -54,6 +54,18 @@ def bernoulli_log_likelihood(x, logits):
     return -jnp.sum(jax.nn.softplus(jnp.where(x > 0.5, -logits, logits)), axis=-1)
 
 
+def adam_step(loss, optimizer):
+    """One jitted optimizer step on `loss(params, key, batch)`."""
+
+    @jax.jit
+    def step(params, opt_state, key, batch):
+        value, grads = jax.value_and_grad(loss)(params, key, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return step
+
+
 def make_step(gradient, num_samples, latent_dim, optimizer):
     def per_point(params, key, x):
         stats = mlp(params["encoder"], x)
@@ -69,13 +81,7 @@ def make_step(gradient, num_samples, latent_dim, optimizer):
         keys = jax.random.split(key, batch.shape[0])
         return -jnp.mean(jax.vmap(per_point, in_axes=(None, 0, 0))(params, keys, batch))
 
-    @jax.jit
-    def step(params, opt_state, key, batch):
-        value, grads = jax.value_and_grad(loss)(params, key, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step
+    return adam_step(loss, optimizer)
 
 
 def make_hand_written_step(num_samples, latent_dim, optimizer):
@@ -92,13 +98,7 @@ def make_hand_written_step(num_samples, latent_dim, optimizer):
         bound = jax.nn.logsumexp(log_lik + log_prior - log_q, axis=1) - jnp.log(num_samples)
         return -jnp.mean(bound)
 
-    @jax.jit
-    def step(params, opt_state, key, batch):
-        value, grads = jax.value_and_grad(loss)(params, key, batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
-
-    return step
+    return adam_step(loss, optimizer)
 
 
 def time_steps(steps, params, opt_state, batch, rounds, repeats):

@@ -24,6 +24,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _grid(images, columns: int):
     """Tile `(n, 784)` images into one `(rows*28, columns*28)` array."""
     images = np.asarray(images).reshape(-1, 28, 28)
@@ -47,10 +54,7 @@ def training_curve(run_dir: Path) -> Path:
     ax.set_title("Training curve")
     ax.grid(alpha=0.3)
     path = run_dir / "training_curve.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def reconstructions(run_dir: Path, model, test, *, seed: int, count: int = 10) -> Path:
@@ -63,10 +67,7 @@ def reconstructions(run_dir: Path, model, test, *, seed: int, count: int = 10) -
     ax.set_title("test inputs (top) and reconstructions (bottom)")
     ax.axis("off")
     path = run_dir / "reconstructions.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def samples(run_dir: Path, model, *, seed: int, count: int = 64) -> Path:
@@ -78,10 +79,7 @@ def samples(run_dir: Path, model, *, seed: int, count: int = 64) -> Path:
     ax.set_title("samples: E[x | z], z ~ p(z)")
     ax.axis("off")
     path = run_dir / "samples.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def latent_space(run_dir: Path, model, test, labels) -> Path:
@@ -102,10 +100,7 @@ def latent_space(run_dir: Path, model, test, labels) -> Path:
     ax.set_ylabel(axes[1])
     ax.set_title("latent space: E_q[z | x] of test points")
     path = run_dir / "latent_space.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_run_plots(run_dir, graphdef, params, test, labels, *, seed: int = 0) -> list[Path]:
