@@ -94,7 +94,8 @@ def _load_data(name: str, data_dir, download: bool):
 
 
 def _as_binary(images):
-    """Test images as binary floats: grey levels thresholded at one half, binary data as they are."""
+    """Test images as binary floats: one fixed Bernoulli(grey / 255) sample (seed 0), the same
+    distribution the model was trained on; already-binary data as they are."""
     import numpy as np
 
     from elbojax import data
@@ -102,7 +103,7 @@ def _as_binary(images):
     flat = images.reshape(images.shape[0], -1)
     if flat.dtype == np.bool_:
         return flat.astype(np.float32)
-    return data.threshold_binarize(flat)
+    return data.static_binarize(flat, seed=0)
 
 
 def build_model(config: dict, train_images):
