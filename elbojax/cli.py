@@ -199,6 +199,13 @@ def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, eval_samples:
 
 def load_run(run_dir):
     """The trained model of a run folder (its latest checkpoint), as an `elbojax.models.VAE`."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    return _restore(run_dir, config, _load_data(config["data"], None, False))
+
+
+def _restore(run_dir: Path, config: dict, dataset):
+    """The model of `config` with the parameters of the run's latest checkpoint."""
     import jax
     import optax
     import orbax.checkpoint as ocp
@@ -206,9 +213,6 @@ def load_run(run_dir):
 
     from elbojax import train
 
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    dataset = _load_data(config["data"], None, False)
     model = build_model(config, _images_for_training(dataset))
     graphdef, state = train.init(model, optax.adam(config["learning_rate"]))
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
@@ -244,9 +248,8 @@ def _evaluate(args) -> int:
     if not config_path.exists():
         raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")
     config = json.loads(config_path.read_text())
-    model = load_run(args.run_dir)
-    graphdef, params = nnx.split(model, nnx.Param)
     dataset = _load_data(config["data"], None, False)
+    graphdef, params = nnx.split(_restore(args.run_dir, config, dataset), nnx.Param)
     _evaluate_and_report(args.run_dir, graphdef, params, dataset, args.eval_samples, args.eval_points, config["seed"])
     return 0
 

@@ -81,7 +81,7 @@ def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_si
     z, _ = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
     _checks.check_scalar_output(fn, (x, z), fn_name)
     guard = None
-    if not grads.is_reparameterizable(proposal, key):
+    if not grads.is_reparameterizable(proposal, z):
         message = grads.not_reparameterizable_message(proposal, gradient)
         if gradient in ("stl", "dreg"):
             raise ValueError(message)

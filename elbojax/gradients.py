@@ -121,8 +121,12 @@ def _forbid_pathwise_jvp(message, primals, tangents):
     raise ValueError(message)
 
 
-def is_reparameterizable(proposal, key) -> bool:
+def is_reparameterizable(proposal, sample) -> bool:
     """False for proposals whose samples cannot carry a pathwise gradient.
+
+    Args:
+      proposal: the proposal.
+      sample: one sample of it, or its abstract shape (`jax.eval_shape` of a draw).
 
     A sample with an integer or boolean leaf is discrete; a TFP distribution also says so
     through its `reparameterization_type`.
@@ -131,8 +135,7 @@ def is_reparameterizable(proposal, key) -> bool:
     kind = getattr(inner, "reparameterization_type", None)
     if kind is not None and "FULLY_REPARAMETERIZED" not in str(kind).upper():
         return False
-    z, _ = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
-    return all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jax.tree.leaves(z))
+    return all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jax.tree.leaves(sample))
 
 
 def not_reparameterizable_message(proposal, gradient: str) -> str:
