@@ -29,6 +29,15 @@ def check_positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def check_finite_nonnegative(value: Any, name: str) -> float:
+    """Return `value` as a `float` if it is a static real number >= 0 and finite, else raise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number >= 0, got {value!r} of type {type(value).__name__}.")
+    if not (np.isfinite(value) and value >= 0):
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value}.")
+    return float(value)
+
+
 def check_optional_positive_int(value: Any, name: str) -> int | None:
     """Like `check_positive_int`, but `None` passes through."""
     return None if value is None else check_positive_int(value, name)

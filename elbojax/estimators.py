@@ -447,6 +447,25 @@ def _mean_of(problem: _Problem):
     return _fold_chunks(chunk_fn, combine, problem).total / problem.num_samples
 
 
+def expectation(key, x, fn, proposal, *, num_samples: int = 1, chunk_size: int | None = None):
+    r"""The Monte Carlo mean $\frac1K \sum_k f(x, z_k)$, $z_k \sim q$: an unbiased estimate of $\mathbb{E}_q[f(x, z)]$.
+
+    The expected reconstruction $\mathbb{E}_q[\log p(x \mid z)]$ of `elbo_analytic_kl`, or any
+    other expectation under the proposal. Samples and keys as in `log_weights` (sample $k$ from
+    `fold_in(key, k)`); gradients are pathwise (a discrete proposal has none: differentiating
+    with respect to it is an error).
+
+    Args:
+      key, x, proposal, num_samples, chunk_size: as `log_weights`.
+      fn: `fn(x, z) -> scalar` for one sample.
+
+    Returns:
+      A scalar.
+    """
+    problem = _prepare(key, x, fn, "fn", proposal, "proposal", num_samples, chunk_size)
+    return _mean_of(problem)
+
+
 def elbo_analytic_kl(
     key,
     x,

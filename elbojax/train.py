@@ -23,7 +23,7 @@ dominates small steps such as the one-sample ELBO).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +31,48 @@ import optax
 from flax import nnx
 
 from elbojax import _checks
-from elbojax.estimators import elbo, iwae_bound
+from elbojax.estimators import elbo, expectation, iwae_bound
 
-Objective = Callable[[jax.Array, Any, jax.Array], jax.Array]
-"""`objective(key, model, x) -> scalar`: the bound for ONE data point (higher is better)."""
+KLWeight = Union[float, Callable[[jax.Array], jax.Array]]
+"""A constant, or a schedule `step -> weight` (any optax schedule), for KL annealing."""
+
+# A key no estimator reaches: estimators draw sample k from fold_in(key, k), k < K.
+_KL_SAMPLE_INDEX = 2**31 - 1
+
+
+class Terms(NamedTuple):
+    r"""What an objective returns for a batch (batch means, scalars).
+
+    Attributes:
+      objective: what the step maximises (the bound, weighted as asked).
+      kl: $\mathrm{KL}(q_\phi(z \mid x) \,\|\, p(z))$: closed form where the pair has one, else a
+        one-sample estimate; NaN for a model without `log_prior`. Reported, never differentiated.
+      kl_weight: the weight $a$ on the KL term at this step ($\beta$ times the annealing schedule).
+    """
+
+    objective: jax.Array
+    kl: jax.Array
+    kl_weight: jax.Array
+
+
+Objective = Callable[[jax.Array, Any, jax.Array, jax.Array], Terms]
+"""`objective(keys, model, batch, step) -> Terms`: keys `(B,)`, one per example; batch `(B, ...)`."""
+
+
+def per_point_objective(per_point: Callable[[jax.Array, Any, jax.Array], jax.Array]) -> Objective:
+    """An `Objective` from your own `per_point(key, model, x) -> scalar` bound (mean over the batch).
+
+    For a bound that `objective` does not name: e.g.
+    `per_point_objective(lambda k, m, x: elbojax.renyi_bound(k, x, m.log_joint, m.proposal(x), alpha=0.5, num_samples=5))`.
+    The KL is not reported (NaN).
+    """
+
+    def batch_objective(keys, model, batch, step):
+        values = jax.vmap(per_point, in_axes=(0, None, 0))(keys, model, batch)
+        nan = jnp.full((), jnp.nan, values.dtype)
+        return Terms(jnp.mean(values), nan, jnp.ones((), values.dtype))
+
+    return batch_objective
 
 
 class TrainState(NamedTuple):
@@ -59,37 +97,162 @@ class StepInfo(NamedTuple):
     """What one step reports (scalars).
 
     Attributes:
-      objective: the batch mean of the bound (higher is better).
+      objective: the batch mean of the objective (higher is better).
+      kl: the batch mean of the KL (see `Terms`).
+      kl_weight: the weight on the KL term at this step.
       grad_norm: the global norm of the gradient.
       finite: whether the step was applied (loss and gradients finite).
     """
 
     objective: jax.Array
+    kl: jax.Array
+    kl_weight: jax.Array
     grad_norm: jax.Array
     finite: jax.Array
 
 
-def objective(name: str = "iwae", *, num_samples: int = 5, gradient: str = "reparam", chunk_size=None) -> Objective:
-    """A per-data-point objective by name: `"elbo"` or `"iwae"`, with its gradient estimator.
+def _check_kl_weight(kl_weight, beta) -> bool:
+    """Whether the KL term is weighted at all (statically: a schedule, or a constant other than 1)."""
+    if not callable(kl_weight):
+        _checks.check_finite_nonnegative(kl_weight, "kl_weight")
+    _checks.check_finite_nonnegative(beta, "beta")
+    return callable(kl_weight) or float(kl_weight) != 1.0 or float(beta) != 1.0
+
+
+def _require(model, names, why: str) -> None:
+    missing = [name for name in names if not callable(getattr(model, name, None))]
+    if missing:
+        raise ValueError(f"{why} needs a model with {', '.join(f'`{m}`' for m in missing)}; {type(model).__name__} has none.")
+
+
+def _weighted_log_joint(model, proposal, weight):
+    r"""$\log p(x \mid z) + a \log p(z) + (1 - a) \log q(z)$: its log-weight is $\log p(x \mid z) + a(\log p(z) - \log q(z))$.
+
+    Handing the estimators this log joint weights the KL part of every log-weight by $a$ and
+    leaves the estimators themselves unchanged; every gradient estimator stays unbiased for the
+    weighted bound (the extra $\log q$ term is differentiated like any other parameter of the joint).
+    """
+
+    def log_joint(x, z):
+        return model.log_likelihood(x, z) + weight * model.log_prior(z) + (1.0 - weight) * proposal.log_prob(z)
+
+    return log_joint
+
+
+def _reported_kl(model, x, proposal, key):
+    """Closed-form KL where the model has it, else a one-sample estimate; NaN without `log_prior`."""
+    if getattr(model, "has_analytic_kl", False) and callable(getattr(model, "analytic_kl", None)):
+        return model.analytic_kl(x)
+    if not callable(getattr(model, "log_prior", None)):
+        return jnp.full((), jnp.nan)
+    z, log_q = proposal.sample_and_log_prob(seed=jax.random.fold_in(key, _KL_SAMPLE_INDEX))
+    return log_q - model.log_prior(z)
+
+
+def objective(
+    name: str = "iwae",
+    *,
+    num_samples: int = 5,
+    gradient: str = "reparam",
+    chunk_size: int | None = None,
+    kl: str = "auto",
+    kl_weight: KLWeight = 1.0,
+    beta: float = 1.0,
+    free_bits: float | None = None,
+) -> Objective:
+    r"""A training objective by name, with its gradient estimator, KL annealing, $\beta$ and free bits.
+
+    With $a = \beta \cdot \mathrm{kl\_weight}(\mathrm{step})$:
+
+    * `"elbo"` with the KL in closed form (`kl="analytic"`, or `"auto"` where the model has it):
+      $\frac1K \sum_k \log p(x \mid z_k) - a\,\mathrm{KL}(q \,\|\, p)$; with free bits $\lambda$
+      (Kingma et al. 2016, eq. 15) the KL term is $a \sum_j \max(\lambda, \overline{\mathrm{KL}}_j)$,
+      $\overline{\mathrm{KL}}_j$ the batch mean of latent dimension $j$'s KL.
+    * `"elbo"` by Monte Carlo: $\frac1K \sum_k \log w_k$, and `"iwae"`:
+      $\log \frac1K \sum_k w_k$, where the KL part of each log-weight is weighted,
+      $\log w_k = \log p(x \mid z_k) + a\,(\log p(z_k) - \log q(z_k))$, as IWAE reproductions warm
+      up. At $a = 1$ these are the plain bounds.
 
     Args:
-      name: `"elbo"` (Monte Carlo ELBO) or `"iwae"` (the IWAE bound).
+      name: `"elbo"` or `"iwae"`.
       num_samples: $K$.
-      gradient: any gradient estimator the estimator accepts (see `elbojax.gradients`).
+      gradient: any gradient estimator the estimator accepts (`elbojax.elbo`, `elbojax.iwae_bound`).
       chunk_size: passed to the estimator.
+      kl: `"auto"`, `"analytic"` or `"monte_carlo"`, for the ELBO (the model's `kl_mode` decides
+        `"auto"`); IWAE takes only `"auto"`.
+      kl_weight: a constant or a schedule `step -> weight` (e.g.
+        `optax.linear_schedule(0.0, 1.0, 10_000)` for a linear warm-up).
+      beta: a constant factor on the KL term ($\beta$-VAE, Higgins et al. 2017).
+      free_bits: $\lambda$ in nats per latent dimension; the analytic-KL ELBO only.
+
+    Returns:
+      `objective(keys, model, batch, step) -> Terms`. The model needs `log_joint(x, z)` and
+      `proposal(x)`; weighting the KL also needs `log_likelihood(x, z)` and `log_prior(z)`, and the
+      closed-form KL `analytic_kl(x)` (all of which `elbojax.models.VAE` has).
     """
     estimators = {"elbo": elbo, "iwae": iwae_bound}
     if name not in estimators:
         raise ValueError(f"`name` must be one of {sorted(estimators)}, got {name!r}.")
     _checks.check_positive_int(num_samples, "num_samples")
-    estimator = estimators[name]
+    if kl not in ("auto", "analytic", "monte_carlo"):
+        raise ValueError(f"`kl` must be 'auto', 'analytic' or 'monte_carlo', got {kl!r}.")
+    if name == "iwae" and kl != "auto":
+        raise ValueError(f"kl={kl!r} applies to the ELBO only; the IWAE bound has no separate KL term.")
+    weighted = _check_kl_weight(kl_weight, beta)
+    if free_bits is not None:
+        _checks.check_finite_nonnegative(free_bits, "free_bits")
+        if name != "elbo" or kl == "monte_carlo" or gradient != "reparam":
+            raise ValueError(
+                "Free bits apply to the ELBO with the KL in closed form only (name='elbo', kl='auto' or "
+                f"'analytic', gradient='reparam'); got name={name!r}, kl={kl!r}, gradient={gradient!r}."
+            )
+    schedule = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
 
-    def per_point(key, model, x):
-        return estimator(
-            key, x, model.log_joint, model.proposal(x), num_samples=num_samples, gradient=gradient, chunk_size=chunk_size
-        )
+    def analytic_kl_mode(model) -> bool:
+        if name != "elbo":
+            return False
+        kl_mode = getattr(model, "kl_mode", None)
+        mode = kl_mode(kl, gradient=gradient) if kl_mode is not None else ("monte_carlo" if kl == "auto" else kl)
+        if mode == "analytic":
+            _require(model, ("log_likelihood", "analytic_kl"), "The analytic-KL ELBO")
+            return True
+        if free_bits is not None:
+            raise ValueError(f"Free bits need the KL in closed form, and {type(model).__name__} has none here (kl_mode is {mode!r}).")
+        return False
 
-    return per_point
+    def batch_objective(keys, model, batch, step):
+        weight = jnp.asarray(beta * schedule(step), jnp.result_type(float))
+        if analytic_kl_mode(model):
+            return analytic_elbo(keys, model, batch, weight)
+        if weighted:
+            _require(model, ("log_likelihood", "log_prior"), "Weighting the KL (kl_weight, beta)")
+
+        def point(key, x):
+            proposal = model.proposal(x)
+            log_joint = _weighted_log_joint(model, proposal, weight) if weighted else model.log_joint
+            value = estimators[name](
+                key, x, log_joint, proposal, num_samples=num_samples, gradient=gradient, chunk_size=chunk_size
+            )
+            return value, jax.lax.stop_gradient(_reported_kl(model, x, proposal, key))
+
+        values, kls = jax.vmap(point)(keys, batch)
+        return Terms(jnp.mean(values), jnp.mean(kls), weight)
+
+    def analytic_elbo(keys, model, batch, weight):
+        def point(key, x):
+            reconstruction = expectation(
+                key, x, model.log_likelihood, model.proposal(x), num_samples=num_samples, chunk_size=chunk_size
+            )
+            return reconstruction, model.analytic_kl(x, per_dimension=free_bits is not None)
+
+        reconstructions, kls = jax.vmap(point)(keys, batch)
+        if free_bits is None:
+            return Terms(jnp.mean(reconstructions - weight * kls), jnp.mean(kls), weight)
+        mean_kl = jnp.mean(kls, axis=0)  # (latent_dim,): the batch mean per dimension
+        kl_term = jnp.sum(jnp.maximum(free_bits, mean_kl))
+        return Terms(jnp.mean(reconstructions) - weight * kl_term, jnp.sum(mean_kl), weight)
+
+    return batch_objective
 
 
 def init(model: nnx.Module, optimizer: optax.GradientTransformation):
@@ -104,25 +267,26 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def make_step(graphdef, optimizer: optax.GradientTransformation, per_point: Objective, *, seed: int):
+def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: Objective, *, seed: int):
     """Build the pure step `(state, batch, indices) -> (state, info)` (not jitted: jit or scan it).
 
     Args:
       graphdef: from `init`.
       optimizer: any optax transformation (with its schedule).
-      per_point: `objective(key, model, x) -> scalar`, e.g. from `objective(...)`.
+      objective_fn: `objective_fn(keys, model, batch, step) -> Terms`, from `objective(...)` or
+        `per_point_objective(...)`.
       seed: the run's seed.
 
     The step takes `batch` of shape `(B, ...)` and `indices`, `int[B]`, the examples' global
-    indices in the training set; it maximises the batch mean of the objective.
+    indices in the training set; it maximises `objective_fn(...).objective`.
     """
     base_key = jax.random.key(seed)
 
-    def loss(params, step_key, batch, indices):
+    def loss(params, step_key, batch, indices, step):
         model = nnx.merge(graphdef, params)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, indices.astype(jnp.uint32))
-        bounds = jax.vmap(per_point, in_axes=(0, None, 0))(keys, model, batch)
-        return -jnp.mean(bounds)
+        terms = objective_fn(keys, model, batch, step)
+        return -terms.objective, terms
 
     def step(state: TrainState, batch, indices):
         if jnp.ndim(indices) != 1 or jnp.shape(indices)[0] != jnp.shape(batch)[0]:
@@ -131,7 +295,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, per_point: Obje
                 f"got {jnp.shape(indices)}."
             )
         step_key = jax.random.fold_in(base_key, state.step)
-        value, grads = jax.value_and_grad(loss)(state.params, step_key, batch, indices)
+        (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(state.params, step_key, batch, indices, state.step)
         finite = jnp.isfinite(value) & _all_finite(grads)
         safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
         updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, state.params)
@@ -145,7 +309,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, per_point: Obje
             num_skipped=state.num_skipped + skipped,
             skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
         )
-        return new_state, StepInfo(-value, optax.tree.norm(grads), finite)
+        return new_state, StepInfo(terms.objective, terms.kl, terms.kl_weight, optax.tree.norm(grads), finite)
 
     return step
 
@@ -221,7 +385,7 @@ def _batches_for(images, config: FitConfig, first_step: int, count: int):
     return jnp.asarray(jnp.stack(xs), jnp.float32), jnp.asarray(jnp.stack(indices), jnp.int32)
 
 
-def fit(graphdef, state: TrainState, optimizer, per_point: Objective, images, *, run_dir, config: FitConfig = FitConfig(), progress: bool = True) -> TrainState:
+def fit(graphdef, state: TrainState, optimizer, objective_fn: Objective, images, *, run_dir, config: FitConfig = FitConfig(), progress: bool = True) -> TrainState:
     """Train until `config.num_steps`, resuming from the latest checkpoint in `run_dir` if there is one.
 
     Checkpoints (orbax) are written every `config.checkpoint_every` steps and at the end, keeping
@@ -233,7 +397,7 @@ def fit(graphdef, state: TrainState, optimizer, per_point: Objective, images, *,
       graphdef, state: from `init` (the state is the starting point when there is no checkpoint,
         and the structure to restore into when there is).
       optimizer: the optax optimizer `state` was made with.
-      per_point: the per-data-point objective, e.g. `objective("iwae", num_samples=5)`.
+      objective_fn: the objective, e.g. `objective("iwae", num_samples=5)`.
       images: `(N, ...)`: uint8 grey levels for `binarize="dynamic"`, else binary floats.
       run_dir: the run's folder.
       config: a `FitConfig`.
@@ -268,7 +432,7 @@ def fit(graphdef, state: TrainState, optimizer, per_point: Objective, images, *,
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
 
-    multi_step = jax.jit(make_multi_step(make_step(graphdef, optimizer, per_point, seed=config.seed)))
+    multi_step = jax.jit(make_multi_step(make_step(graphdef, optimizer, objective_fn, seed=config.seed)))
     start = int(state.step)
     bar = tqdm(total=config.num_steps, initial=start, disable=not progress, desc="training", unit="step")
     with open(run_dir / "metrics.jsonl", "a") as metrics:
@@ -278,8 +442,13 @@ def fit(graphdef, state: TrainState, optimizer, per_point: Objective, images, *,
             batches, indices = _batches_for(images, config, first, count)
             began = time.perf_counter()
             state, info = multi_step(state, batches, indices)
-            objective_mean = float(jnp.mean(jnp.where(info.finite, info.objective, jnp.nan)))
-            record = {"step": int(state.step), "objective": objective_mean, "num_skipped": int(state.num_skipped), "seconds": time.perf_counter() - began}
+            applied = lambda values: float(jnp.mean(jnp.where(info.finite, values, jnp.nan)))
+            objective_mean = applied(info.objective)
+            record = {
+                "step": int(state.step), "objective": objective_mean, "kl": applied(info.kl),
+                "kl_weight": float(info.kl_weight[-1]), "num_skipped": int(state.num_skipped),
+                "seconds": time.perf_counter() - began,
+            }
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             bar.update(count)

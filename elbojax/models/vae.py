@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elbojax.estimators import elbo as mc_elbo
+from elbojax.diagnostics import kl_per_dimension
 from elbojax.estimators import elbo_analytic_kl
 from elbojax.models._layers import ONE_POINT, check_choice, check_shape
 from elbojax.models.likelihoods import bernoulli_log_likelihood, gaussian_log_likelihood
@@ -138,9 +139,38 @@ class VAE(nnx.Module):
         check_shape(x, (self.data_dim,), "x", ONE_POINT)
         return LIKELIHOODS[self.likelihood].log_prob(x, self.decoder(z))
 
+    def log_prior(self, z):
+        r"""$\log p(z)$ for one `z` of shape `(latent_dim,)`: a scalar."""
+        return self.prior.log_prob(z)
+
     def log_joint(self, x, z):
         r"""$\log p_\theta(x, z) = \log p_\theta(x \mid z) + \log p(z)$: a scalar."""
-        return self.log_likelihood(x, z) + self.prior.log_prob(z)
+        return self.log_likelihood(x, z) + self.log_prior(z)
+
+    def analytic_kl(self, x, *, per_dimension: bool = False):
+        r"""$\mathrm{KL}(q_\phi(z \mid x) \,\|\, p(z))$ in closed form, for one `x` of shape `(data_dim,)`.
+
+        Args:
+          x: one data point.
+          per_dimension: return the KL of each latent dimension, shape `(latent_dim,)`, instead
+            of their sum (free bits need it). Needs a diagonal Gaussian $q$ and prior
+            (`elbojax.diagnostics.kl_per_dimension`).
+
+        Raises:
+          ValueError: where the pair has no closed form (`has_analytic_kl` is False), or
+            `per_dimension` is asked of a prior that is not a diagonal Gaussian.
+        """
+        proposal, prior = self.proposal(x), self.prior.distribution()
+        if not per_dimension:
+            return closed_form_kl(proposal, prior)
+        parts = [getattr(d, name, None) for d in (proposal, prior) for name in ("loc", "scale_diag")]
+        if any(part is None for part in parts):
+            raise ValueError(
+                "The KL per dimension needs a diagonal Gaussian proposal and prior (with `loc` and "
+                f"`scale_diag`), got {type(proposal).__name__} and {type(prior).__name__}."
+            )
+        q_loc, q_scale, p_loc, p_scale = parts
+        return kl_per_dimension(q_loc, q_scale, p_loc, p_scale)
 
     def decode_mean(self, z):
         r"""$\mathbb{E}[x \mid z]$ for one `z`: the pixel probabilities (Bernoulli) or the mean (Gaussian)."""
