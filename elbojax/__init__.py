@@ -3,7 +3,7 @@
 Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`.
 """
 
-from elbojax import data, diagnostics, discrete, exact, gradients, models
+from elbojax import data, diagnostics, discrete, exact, gradients, interop, models
 from elbojax.bounds import (
     combination_iwae_bound,
     multi_iwae_bound,

@@ -2,7 +2,8 @@
 
 Thin by design: it parses flags (before JAX starts its backend), builds a model from
 `elbojax.models`, and calls `elbojax.train.fit` and `elbojax.train.evaluate`. A run folder holds
-`config.json`, `metrics.jsonl`, `checkpoints/`, `evaluation.json` and the plots; `load_run`
+`config.json`, `environment.json` (package versions, git revision, command), `metrics.jsonl`,
+`checkpoints/`, `evaluation.json` and the plots; `load_run`
 brings a trained model back in Python with one call.
 """
 
@@ -13,40 +14,104 @@ import json
 import sys
 from pathlib import Path
 
-ARCHITECTURE_KEYS = ("latent_dim", "hidden", "data")
+# What a resumed run must share with its checkpoint (the parameters' and optimizer state's structure).
+RESUME_FIXED_KEYS = ("data", "model", "latent_dim", "hidden", "prior", "prior_components", "decoder", "optimizer")
 DATA_CHOICES = ("embedded", "mnist", "fashion-mnist", "binarized-mnist")
+OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
+SCHEDULES = ("constant", "cosine", "exponential")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elbojax", description="Train and evaluate VAEs with elbojax's estimators.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a VAE (defaults: IWAE K=5 on the embedded MNIST subset, about two minutes on 2 CPU cores)")
-    train.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="the run folder (default: runs/default)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
-    train.add_argument("--data", choices=DATA_CHOICES, default="embedded")
-    train.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: $ELBOJAX_DATA_DIR or ~/.cache/elbojax)")
-    train.add_argument("--download", action="store_true", help="download missing data files into --data-dir")
-    train.add_argument("--objective", choices=("elbo", "iwae"), default="iwae")
-    train.add_argument("--num-samples", "-k", type=int, default=5, help="K, samples per data point (default 5)")
-    train.add_argument("--gradient", choices=("reparam", "stl", "dreg"), default="reparam")
-    train.add_argument("--latent-dim", type=int, default=16)
-    train.add_argument("--hidden", type=str, default="200,200", help="hidden widths, comma-separated (default 200,200)")
-    train.add_argument("--batch-size", type=int, default=100)
-    train.add_argument("--steps", type=int, default=3000)
-    train.add_argument("--learning-rate", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--steps-per-call", type=int, default=50)
-    train.add_argument("--checkpoint-every", type=int, default=500)
-    train.add_argument("--eval-samples", type=int, default=5000, help="K for the test log-likelihood (default 5000)")
-    train.add_argument("--eval-points", type=int, default=500, help="test points to evaluate at the end (default 500; 0 for all)")
-    train.add_argument("--no-progress", action="store_true")
+    train = commands.add_parser(
+        "train", help="train a VAE (defaults: IWAE K=5 on the embedded MNIST subset, about two minutes on 2 CPU cores)",
+        description="Every flag can also come from a JSON --config file (keys are the flag names with "
+        "underscores, as in a run's config.json); flags given on the command line win.",
+    )
+    run = train.add_argument_group("run")
+    run.add_argument("--config", type=Path, default=None, help="a JSON file of settings (e.g. a run's config.json)")
+    run.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="the run folder (default: runs/default)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--no-progress", action="store_true")
+    data = train.add_argument_group("data")
+    data.add_argument("--data", choices=DATA_CHOICES, default="embedded")
+    data.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: $ELBOJAX_DATA_DIR or ~/.cache/elbojax)")
+    data.add_argument("--download", action="store_true", help="download missing data files into --data-dir")
+    model = train.add_argument_group("model")
+    model.add_argument("--model", choices=("vae", "two-layer"), default="vae", help="vae: one stochastic layer; two-layer: the IWAE paper's 784-200-200-100-100-50 model")
+    model.add_argument("--latent-dim", type=int, default=16)
+    model.add_argument("--hidden", type=str, default="200,200", help="hidden widths, comma-separated (default 200,200)")
+    model.add_argument("--prior", choices=("standard", "mixture", "vamp"), default="standard", help="N(0, I), a learned Gaussian mixture, or the VampPrior")
+    model.add_argument("--prior-components", type=int, default=10, help="components of the mixture / VampPrior pseudo-inputs (default 10)")
+    model.add_argument("--decoder", choices=("bernoulli", "gaussian"), default="bernoulli", help="bernoulli: dynamically binarized pixels; gaussian: grey levels / 255, learned variance")
+    objective = train.add_argument_group("objective")
+    objective.add_argument("--objective", choices=("elbo", "iwae"), default="iwae")
+    objective.add_argument("--num-samples", "-k", type=int, default=5, help="K, samples per data point (default 5)")
+    objective.add_argument("--gradient", choices=("reparam", "stl", "dreg", "score", "vimco"), default="reparam")
+    objective.add_argument("--kl", choices=("auto", "analytic", "monte_carlo"), default="auto", help="the ELBO's KL: closed form where the model has it (auto), or sampled")
+    objective.add_argument("--kl-warmup", type=int, default=0, help="anneal the KL weight linearly from 0 to 1 over this many steps (default 0: off)")
+    objective.add_argument("--beta", type=float, default=1.0, help="weight on the KL term (beta-VAE; default 1)")
+    objective.add_argument("--free-bits", type=float, default=None, help="free bits per latent dimension, in nats (analytic-KL ELBO only)")
+    optimization = train.add_argument_group("optimization")
+    optimization.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
+    optimization.add_argument("--learning-rate", type=float, default=1e-3)
+    optimization.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule after the warm-up: constant, cosine decay to 0, or exponential decay to 0.1x")
+    optimization.add_argument("--lr-warmup", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
+    optimization.add_argument("--batch-size", type=int, default=100)
+    optimization.add_argument("--steps", type=int, default=3000)
+    optimization.add_argument("--steps-per-call", type=int, default=50)
+    optimization.add_argument("--checkpoint-every", type=int, default=500)
+    evaluation = train.add_argument_group("evaluation")
+    evaluation.add_argument("--eval-samples", type=int, default=5000, help="K for the test log-likelihood (default 5000)")
+    evaluation.add_argument("--eval-points", type=int, default=500, help="test points to evaluate at the end (default 500; 0 for all)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test set")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--eval-samples", type=int, default=5000)
     evaluate.add_argument("--eval-points", type=int, default=0, help="test points (default 0: all)")
     return parser
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+
+
+def _parse(argv):
+    """Parse the command line; for `train`, settings from `--config` fill in what the flags leave unset."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command != "train" or args.config is None:
+        return args
+    train = _train_parser(parser)
+    try:
+        settings = json.loads(args.config.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"elbojax: --config {args.config} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"elbojax: --config {args.config} is not valid JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise SystemExit(f"elbojax: --config {args.config} must hold a JSON object of settings, got {type(settings).__name__}")
+    actions = {action.dest: action for action in train._actions if action.dest not in ("help", "config")}
+    unknown = sorted(set(settings) - set(actions))
+    if unknown:
+        raise SystemExit(f"elbojax: --config {args.config} has unknown settings {unknown}; known: {sorted(actions)}")
+    for name, value in settings.items():
+        action = actions[name]
+        if name == "hidden" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        if action.type is not None and value is not None:
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise SystemExit(f"elbojax: --config {args.config}: {name} must be a {action.type.__name__}, got {value!r}") from None
+        if action.choices is not None and value not in action.choices:
+            raise SystemExit(f"elbojax: --config {args.config}: {name} must be one of {list(action.choices)}, got {value!r}")
+        settings[name] = value
+    train.set_defaults(**settings)
+    return parser.parse_args(argv)
 
 
 def _hidden(text: str) -> list[int]:
@@ -60,28 +125,70 @@ def _hidden(text: str) -> list[int]:
 
 
 def _config_from(args) -> dict:
-    positive = ("num_samples", "latent_dim", "batch_size", "steps", "steps_per_call", "checkpoint_every", "eval_samples")
+    positive = ("num_samples", "latent_dim", "batch_size", "steps", "steps_per_call", "checkpoint_every", "eval_samples", "prior_components")
     for name in positive:
         if getattr(args, name) < 1:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("kl_warmup", "lr_warmup"):
+        if getattr(args, name) < 0:
+            raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.checkpoint_every % args.steps_per_call:
         raise SystemExit(f"elbojax: --checkpoint-every ({args.checkpoint_every}) must be a multiple of --steps-per-call ({args.steps_per_call})")
-    if args.learning_rate <= 0:
+    if not args.learning_rate > 0:
         raise SystemExit(f"elbojax: --learning-rate must be > 0, got {args.learning_rate}")
-    return {
-        "data": args.data,
-        "objective": args.objective,
-        "num_samples": args.num_samples,
-        "gradient": args.gradient,
-        "latent_dim": args.latent_dim,
-        "hidden": _hidden(args.hidden),
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "learning_rate": args.learning_rate,
-        "seed": args.seed,
-        "steps_per_call": args.steps_per_call,
-        "checkpoint_every": args.checkpoint_every,
-    }
+    if not args.beta >= 0:
+        raise SystemExit(f"elbojax: --beta must be >= 0, got {args.beta}")
+    if args.free_bits is not None and not args.free_bits >= 0:
+        raise SystemExit(f"elbojax: --free-bits must be >= 0, got {args.free_bits}")
+    if args.model == "two-layer" and (args.prior != "standard" or args.decoder != "bernoulli"):
+        raise SystemExit("elbojax: --model two-layer has its own hierarchical prior and a Bernoulli decoder; leave --prior and --decoder at their defaults")
+    config = {name: getattr(args, name) for name in (
+        "data", "model", "objective", "num_samples", "gradient", "kl", "kl_warmup", "beta", "free_bits",
+        "latent_dim", "prior", "prior_components", "decoder", "optimizer", "learning_rate", "schedule",
+        "lr_warmup", "batch_size", "steps", "seed", "steps_per_call", "checkpoint_every",
+    )}
+    config["hidden"] = _hidden(args.hidden)
+    # Incompatible choices are refused now, before any data are loaded.
+    try:
+        _objective(config)
+    except ValueError as error:
+        raise SystemExit(f"elbojax: {error}") from None
+    return config
+
+
+def _objective(config: dict):
+    import optax
+
+    from elbojax import train
+
+    warmup = config.get("kl_warmup", 0)
+    return train.objective(
+        config["objective"], num_samples=config["num_samples"], gradient=config["gradient"],
+        kl=config.get("kl", "auto"), beta=config.get("beta", 1.0), free_bits=config.get("free_bits"),
+        kl_weight=optax.linear_schedule(0.0, 1.0, warmup) if warmup else 1.0,
+    )
+
+
+def _learning_rate(config: dict):
+    """The learning-rate schedule of `config`: a linear warm-up from 0, then constant, cosine or exponential decay."""
+    import optax
+
+    rate, steps, warmup = config["learning_rate"], config["steps"], config.get("lr_warmup", 0)
+    decay_steps = max(steps - warmup, 1)
+    after = {
+        "constant": lambda: optax.constant_schedule(rate),
+        "cosine": lambda: optax.cosine_decay_schedule(rate, decay_steps),
+        "exponential": lambda: optax.exponential_decay(rate, decay_steps, 0.1),
+    }[config.get("schedule", "constant")]()
+    return optax.join_schedules([optax.linear_schedule(0.0, rate, warmup), after], [warmup]) if warmup else after
+
+
+def _optimizer(config: dict):
+    """The optax optimizer of `config` with its learning-rate schedule."""
+    import optax
+
+    make = {"adam": optax.adam, "adamw": optax.adamw, "adamax": optax.adamax, "rmsprop": optax.rmsprop, "sgd": optax.sgd}
+    return make[config.get("optimizer", "adam")](_learning_rate(config))
 
 
 def _load_data(name: str, data_dir, download: bool):
@@ -93,9 +200,10 @@ def _load_data(name: str, data_dir, download: bool):
     return loaders[name](data_dir, download=download)
 
 
-def _as_binary(images):
-    """Test images as binary floats: one fixed Bernoulli(grey / 255) sample (seed 0), the same
-    distribution the model was trained on; already-binary data as they are."""
+def _test_data(images, config: dict):
+    """Test images as the likelihood takes them. Bernoulli: one fixed Bernoulli(grey / 255) sample
+    (seed 0), the distribution the model was trained on; already-binary data as they are.
+    Gaussian: grey / 255."""
     import numpy as np
 
     from elbojax import data
@@ -103,11 +211,13 @@ def _as_binary(images):
     flat = images.reshape(images.shape[0], -1)
     if flat.dtype == np.bool_:
         return flat.astype(np.float32)
+    if config.get("decoder", "bernoulli") == "gaussian":
+        return flat.astype(np.float32) / 255.0
     return data.static_binarize(flat, seed=0)
 
 
 def build_model(config: dict, train_images):
-    """The VAE of `config`, its decoder's output bias set from the training data's mean."""
+    """The model of `config`, its decoder's output bias set from the training data's mean."""
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
@@ -116,14 +226,73 @@ def build_model(config: dict, train_images):
 
     flat = train_images.reshape(train_images.shape[0], -1)
     data_dim = flat.shape[1]
-    mean = flat.mean(0) / (255.0 if flat.dtype == np.uint8 else 1.0)
+    mean = jnp.asarray(flat.mean(0) / (255.0 if flat.dtype == np.uint8 else 1.0), jnp.float32)
     rngs = nnx.Rngs(config["seed"])
-    encoder = models.GaussianMLPEncoder(data_dim, config["latent_dim"], tuple(config["hidden"]), jnp.tanh, rngs=rngs)
-    decoder = models.BernoulliMLPDecoder(
-        config["latent_dim"], data_dim, tuple(reversed(config["hidden"])), jnp.tanh, rngs=rngs,
-        output_bias=models.bias_from_data_mean(jnp.asarray(mean, jnp.float32)),
-    )
-    return models.VAE(encoder, decoder, models.StandardNormalPrior(config["latent_dim"]), likelihood="bernoulli")
+    if config.get("model", "vae") == "two-layer":
+        return models.TwoLayerVAE(data_dim, rngs=rngs, output_bias=models.bias_from_data_mean(mean))
+    latent, hidden = config["latent_dim"], tuple(config["hidden"])
+    encoder = models.GaussianMLPEncoder(data_dim, latent, hidden, jnp.tanh, rngs=rngs)
+    if config.get("decoder", "bernoulli") == "gaussian":
+        decoder = models.GaussianMLPDecoder(latent, data_dim, tuple(reversed(hidden)), jnp.tanh, rngs=rngs)
+    else:
+        decoder = models.BernoulliMLPDecoder(
+            latent, data_dim, tuple(reversed(hidden)), jnp.tanh, rngs=rngs, output_bias=models.bias_from_data_mean(mean),
+        )
+    components = config.get("prior_components", 10)
+    prior = {
+        "standard": lambda: models.StandardNormalPrior(latent),
+        "mixture": lambda: models.MixturePrior(latent, components, rngs=rngs),
+        "vamp": lambda: models.VampPrior(encoder, components, rngs=rngs),
+    }[config.get("prior", "standard")]()
+    return models.VAE(encoder, decoder, prior)
+
+
+PACKAGES = ("elbojax", "jax", "jaxlib", "flax", "optax", "distrax", "orbax-checkpoint", "numpy")
+
+
+def _git_revision() -> str | None:
+    """The git revision of elbojax's source tree (with "-dirty" for uncommitted changes), or None."""
+    import subprocess
+
+    source = Path(__file__).resolve().parent
+    try:
+        revision = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if revision.returncode != 0:
+        return None  # an installed wheel, not a checkout
+    return revision.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def _environment(argv: list[str]) -> dict:
+    """What produced a run: the command, the package versions, the git revision, the platform."""
+    import platform
+    import time
+    from importlib import metadata
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": ["elbojax", *argv],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_revision": _git_revision(),
+    }
+
+
+def _record_environment(run_dir: Path, argv: list[str]) -> None:
+    """Append this session's environment to `run_dir/environment.json` (one entry per start or resume)."""
+    path = run_dir / "environment.json"
+    sessions = json.loads(path.read_text()) if path.exists() else []
+    sessions.append(_environment(argv))
+    path.write_text(json.dumps(sessions, indent=2) + "\n")
 
 
 def _prepare_run(args, config: dict) -> dict:
@@ -133,16 +302,17 @@ def _prepare_run(args, config: dict) -> dict:
         if not saved.exists():
             raise SystemExit(f"elbojax: --resume given but {saved} does not exist; start a new run without --resume")
         previous = json.loads(saved.read_text())
-        changed = [key for key in ARCHITECTURE_KEYS if previous.get(key) != config[key]]
+        changed = [key for key in RESUME_FIXED_KEYS if previous.get(key, config[key]) != config[key]]
         if changed:
             details = ", ".join(f"{key}: checkpoint {previous.get(key)!r}, flags {config[key]!r}" for key in changed)
-            raise SystemExit(f"elbojax: cannot resume {run_dir}: the architecture differs from the checkpoint's ({details})")
+            raise SystemExit(f"elbojax: cannot resume {run_dir}: the model or optimizer differs from the checkpoint's ({details})")
         previous["steps"] = config["steps"]  # resuming may extend the run
         config = previous
     elif saved.exists():
         raise SystemExit(f"elbojax: {run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(config, indent=2) + "\n")
+    _record_environment(run_dir, args.argv)
     return config
 
 
@@ -152,16 +322,19 @@ def _fit_config(config: dict):
     return train.FitConfig(
         seed=config["seed"], batch_size=config["batch_size"], num_steps=config["steps"],
         steps_per_call=config["steps_per_call"], checkpoint_every=config["checkpoint_every"],
-        binarize="dynamic",
+        binarize="none" if config.get("decoder", "bernoulli") == "gaussian" else "dynamic",
     )
 
 
-def _images_for_training(dataset):
+def _images_for_training(dataset, config: dict):
+    """uint8 grey levels (binarized per batch), or grey / 255 floats for a Gaussian decoder."""
     import numpy as np
 
     images = dataset.train.images.reshape(dataset.train.images.shape[0], -1)
     if images.dtype == np.bool_:  # binarized MNIST is binary already: grey levels 0 / 255
         images = images.astype(np.uint8) * 255
+    if config.get("decoder", "bernoulli") == "gaussian":
+        images = images.astype(np.float32) / 255.0
     return images
 
 
@@ -171,7 +344,7 @@ def _print_evaluation(result) -> None:
         ("bits per dimension", f"{result.bits_per_dim:.4f}"),
         ("ELBO", f"{result.elbo:.2f} nats"),
         ("KL(q || prior)", f"{result.kl:.2f} nats"),
-        ("active units", f"{result.active_units} of {len(result.kl_per_dimension)}"),
+        ("active units", f"{result.active_units} of {result.latent_dim}"),
         ("test points", f"{result.num_points}"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -179,12 +352,13 @@ def _print_evaluation(result) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, eval_samples: int, eval_points: int, seed: int):
+def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict, eval_samples: int, eval_points: int):
     import numpy as np
 
     from elbojax import plots, train
 
-    test = _as_binary(dataset.test.images)
+    seed = config["seed"]
+    test = _test_data(dataset.test.images, config)
     labels = dataset.test.labels
     if eval_points:
         test, labels = test[:eval_points], (None if labels is None else labels[:eval_points])
@@ -198,7 +372,7 @@ def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, eval_samples:
 
 
 def load_run(run_dir):
-    """The trained model of a run folder (its latest checkpoint), as an `elbojax.models.VAE`."""
+    """The trained model of a run folder (its latest checkpoint): an `elbojax.models.VAE` or `TwoLayerVAE`."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     return _restore(run_dir, config, _load_data(config["data"], None, False))
@@ -207,14 +381,13 @@ def load_run(run_dir):
 def _restore(run_dir: Path, config: dict, dataset):
     """The model of `config` with the parameters of the run's latest checkpoint."""
     import jax
-    import optax
     import orbax.checkpoint as ocp
     from flax import nnx
 
     from elbojax import train
 
-    model = build_model(config, _images_for_training(dataset))
-    graphdef, state = train.init(model, optax.adam(config["learning_rate"]))
+    model = build_model(config, _images_for_training(dataset, config))
+    graphdef, state = train.init(model, _optimizer(config))
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
@@ -223,21 +396,22 @@ def _restore(run_dir: Path, config: dict, dataset):
 
 
 def _train(args) -> int:
-    import optax
-
     from elbojax import train
 
     config = _prepare_run(args, _config_from(args))
     dataset = _load_data(config["data"], args.data_dir, args.download)
-    images = _images_for_training(dataset)
+    images = _images_for_training(dataset, config)
     model = build_model(config, images)
-    optimizer = optax.adam(config["learning_rate"])
+    optimizer = _optimizer(config)
     graphdef, state = train.init(model, optimizer)
-    per_point = train.objective(config["objective"], num_samples=config["num_samples"], gradient=config["gradient"])
+    try:
+        objective_fn = _objective(config)
+    except ValueError as error:  # an older run's config.json may hold a combination refused now
+        raise SystemExit(f"elbojax: {error}") from None
     print(f"training {config['objective'].upper()} (K={config['num_samples']}, gradient={config['gradient']}) on {config['data']}: "
           f"{images.shape[0]} examples, {config['steps']} steps -> {args.run_dir}")
-    state = train.fit(graphdef, state, optimizer, per_point, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress)
-    _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, args.eval_samples, args.eval_points, config["seed"])
+    state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress)
+    _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points)
     return 0
 
 
@@ -250,12 +424,14 @@ def _evaluate(args) -> int:
     config = json.loads(config_path.read_text())
     dataset = _load_data(config["data"], None, False)
     graphdef, params = nnx.split(_restore(args.run_dir, config, dataset), nnx.Param)
-    _evaluate_and_report(args.run_dir, graphdef, params, dataset, args.eval_samples, args.eval_points, config["seed"])
+    _evaluate_and_report(args.run_dir, graphdef, params, dataset, config, args.eval_samples, args.eval_points)
     return 0
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parse(argv)
+    args.argv = argv
     return _train(args) if args.command == "train" else _evaluate(args)
 
 

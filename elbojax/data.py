@@ -606,6 +606,26 @@ def check_binary(x: Any, name: str) -> None:
         _raise_first(x, (x != 0) & (x != 1), name, "must be binary (every value 0 or 1)")
 
 
+def check_finite(x: Any, name: str) -> None:
+    """Require every value of `x` to be finite (a batch for a Gaussian likelihood).
+
+    Raises:
+      TypeError: `x` is not numeric.
+      ValueError: `x` holds NaN or an infinity.
+    """
+    x = _check_numeric(x, name)
+    if x.dtype.kind == "f":
+        _raise_first(x, ~np.isfinite(x), name, "must be finite")
+
+
+def check_for_likelihood(x: Any, likelihood: str, name: str) -> None:
+    """Refuse data outside a likelihood's support: binary for `"bernoulli"`, finite for `"gaussian"`."""
+    checks = {"bernoulli": check_binary, "gaussian": check_finite}
+    if likelihood not in checks:
+        raise ValueError(f"`likelihood` must be one of {sorted(checks)}, got {likelihood!r}.")
+    checks[likelihood](x, name)
+
+
 def check_unit_interval(x: Any, name: str) -> None:
     """Require every value of `x` to lie in [0, 1] (a batch of probabilities or grey/255).
 

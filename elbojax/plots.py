@@ -43,16 +43,27 @@ def _grid(images, columns: int):
 
 
 def training_curve(run_dir: Path) -> Path:
-    """The bound per step from `metrics.jsonl`."""
+    """The training objective and the KL per step from `metrics.jsonl` (and the KL weight when annealed)."""
     plt = _pyplot()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [r["objective"] for r in records])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training bound (nats, batch mean)")
-    ax.set_title("Training curve")
-    ax.grid(alpha=0.3)
+    kls = [r.get("kl", float("nan")) for r in records]
+    fig, (bound_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    bound_ax.plot(steps, [r["objective"] for r in records])
+    bound_ax.set_ylabel("training objective (nats, batch mean)")
+    bound_ax.set_title("Training curve")
+    kl_ax.plot(steps, kls, color="C1")
+    kl_ax.set_ylabel("KL(q || p) (nats, batch mean)")
+    kl_ax.set_title("KL term")
+    weights = [r.get("kl_weight", 1.0) for r in records]
+    if any(w != 1.0 for w in weights):
+        weight_ax = kl_ax.twinx()
+        weight_ax.plot(steps, weights, color="C2", linestyle="--")
+        weight_ax.set_ylabel("KL weight (dashed)")
+    for ax in (bound_ax, kl_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
     path = run_dir / "training_curve.png"
     return _save(fig, path)
 
@@ -82,10 +93,16 @@ def samples(run_dir: Path, model, *, seed: int, count: int = 64) -> Path:
     return _save(fig, path)
 
 
+def _proposal_mean(proposal):
+    """E_q[z]; for a hierarchical proposal, the mean of its first layer, E_q[z1]."""
+    first = getattr(proposal, "first", None)
+    return (first if first is not None else proposal).mean()
+
+
 def latent_space(run_dir: Path, model, test, labels) -> Path:
     """E_q[z] of the test points: the two coordinates if the latent is 2-D, else a PCA projection."""
     plt = _pyplot()
-    means = np.asarray(jax.vmap(lambda x: model.proposal(x).mean())(jnp.asarray(test)))
+    means = np.asarray(jax.vmap(lambda x: _proposal_mean(model.proposal(x)))(jnp.asarray(test)))
     if means.shape[1] == 2:
         points, axes = means, ("z1", "z2")
     else:

@@ -340,7 +340,8 @@ class FitConfig(NamedTuple):
       keep_checkpoints: how many checkpoints to keep.
       max_skipped_in_a_row: stop the run after this many consecutive non-finite steps.
       binarize: `"dynamic"` (fresh Bernoulli(pixel/255) per batch, from uint8 grey levels) or
-        `"none"` (the data are used as given; for a Bernoulli decoder they must be binary).
+        `"none"` (the data are used as given: binary for a Bernoulli likelihood, finite for a
+        Gaussian one, as the model's `likelihood` says).
     """
 
     seed: int = 0
@@ -351,6 +352,11 @@ class FitConfig(NamedTuple):
     keep_checkpoints: int = 3
     max_skipped_in_a_row: int = 10
     binarize: str = "dynamic"
+
+
+def _likelihood_of(graphdef, params) -> str:
+    """The model's likelihood name (`VAE.likelihood`); models that do not say are Bernoulli ones."""
+    return getattr(nnx.merge(graphdef, params), "likelihood", "bernoulli")
 
 
 def _check_config(config: FitConfig, num_examples: int) -> None:
@@ -398,7 +404,8 @@ def fit(graphdef, state: TrainState, optimizer, objective_fn: Objective, images,
         and the structure to restore into when there is).
       optimizer: the optax optimizer `state` was made with.
       objective_fn: the objective, e.g. `objective("iwae", num_samples=5)`.
-      images: `(N, ...)`: uint8 grey levels for `binarize="dynamic"`, else binary floats.
+      images: `(N, ...)`: uint8 grey levels for `binarize="dynamic"`, else the data as the
+        likelihood takes them (binary or real floats).
       run_dir: the run's folder.
       config: a `FitConfig`.
       progress: show a tqdm progress bar with the running bound.
@@ -419,7 +426,7 @@ def fit(graphdef, state: TrainState, optimizer, objective_fn: Objective, images,
     images = np.asarray(images)
     _check_config(config, images.shape[0])
     if config.binarize == "none":
-        data.check_binary(images, "images")
+        data.check_for_likelihood(images, _likelihood_of(graphdef, state.params), "images")
     elif images.dtype != np.uint8:
         raise TypeError(f"binarize='dynamic' needs uint8 grey levels, got dtype {images.dtype}; pass binarize='none' for data that are already binary.")
 
@@ -483,9 +490,14 @@ class Evaluation(NamedTuple):
       log_likelihood_se: its standard error over data points.
       bits_per_dim: $-\\log \\hat p(x) / (D \\ln 2)$.
       elbo: mean ELBO (Monte Carlo, `elbo_samples` per point).
-      kl: mean $\\mathrm{KL}(q(z \\mid x) \\,\\|\\, \\mathcal{N}(0, I))$ (diagonal-Gaussian proposals; else NaN).
-      kl_per_dimension: `(d,)`, the same per latent dimension.
-      active_units: the number of dimensions whose $E_q[z]$ varies over $x$ by more than 0.01.
+      kl: mean $\\mathrm{KL}(q(z \\mid x) \\,\\|\\, p(z))$: closed form where the model has it,
+        else a Monte Carlo estimate with `elbo_samples` samples (NaN without `log_prior`).
+      kl_per_dimension: `(d,)`, the same per latent dimension where the KL has a closed form
+        and a diagonal Gaussian prior (else NaN).
+      active_units: the number of dimensions whose $E_q[z]$ varies over $x$ by more than 0.01
+        (Burda et al. 2016); of the first stochastic layer for a hierarchical proposal; -1
+        where the proposal has no mean.
+      latent_dim: the number of dimensions of $E_q[z]$.
       num_samples: the K used for the log-likelihood.
       num_points: how many data points.
     """
@@ -497,12 +509,13 @@ class Evaluation(NamedTuple):
     kl: float
     kl_per_dimension: Any
     active_units: int
+    latent_dim: int
     num_samples: int
     num_points: int
 
 
 def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, chunk_size: int = 500, elbo_samples: int = 100) -> Evaluation:
-    """Evaluate a model on `data` `(N, D)` (binary floats): log-likelihood, ELBO, KL, active units.
+    """Evaluate a model on `data` `(N, D)`: log-likelihood, ELBO, KL, active units.
 
     The K-sample importance estimate is chunked (`chunk_size` samples at a time) and mapped over
     data points with `lax.map`, which bounds memory and, on CPU, is faster than vmapping the
@@ -515,7 +528,7 @@ def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, 
     from elbojax.estimators import importance_log_marginal
 
     data = np.asarray(data)
-    data_lib.check_binary(data, "data")
+    data_lib.check_for_likelihood(data, _likelihood_of(graphdef, params), "data")
     base = jax.random.key(seed)
 
     @jax.jit
@@ -526,16 +539,21 @@ def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, 
         q = model.proposal(x)
         log_px = importance_log_marginal(key, x, model.log_joint, q, num_samples=num_samples, chunk_size=chunk_size)
         bound = elbo(jax.random.fold_in(key, 1), x, model.log_joint, q, num_samples=elbo_samples)
-        mean = getattr(q, "mean", None)
-        if callable(mean) and hasattr(q, "stddev"):
-            loc, scale = q.mean(), q.stddev()
-            per_dim = diagnostics.kl_per_dimension(loc, scale)
+        if getattr(model, "has_analytic_kl", False):
+            per_dim = model.analytic_kl(x, per_dimension=True)
+            kl = jnp.sum(per_dim)
         else:
-            loc = per_dim = jnp.full((1,), jnp.nan)
-        return log_px, bound, per_dim, loc
+            per_dim = jnp.full((1,), jnp.nan)
+            kl = (
+                expectation(jax.random.fold_in(key, 2), x, lambda x, z: q.log_prob(z) - model.log_prior(z), q, num_samples=elbo_samples)
+                if callable(getattr(model, "log_prior", None)) else jnp.nan
+            )
+        first = getattr(q, "first", q)  # a hierarchical proposal: its first layer, q(z1 | x)
+        loc = first.mean() if callable(getattr(first, "mean", None)) else jnp.full((1,), jnp.nan)
+        return log_px, bound, kl, per_dim, loc
 
     indices = jnp.arange(data.shape[0], dtype=jnp.uint32)
-    log_px, bounds, per_dim, locs = jax.jit(lambda xs: jax.lax.map(per_point, xs))((indices, jnp.asarray(data, jnp.float32)))
+    log_px, bounds, kls, per_dim, locs = jax.jit(lambda xs: jax.lax.map(per_point, xs))((indices, jnp.asarray(data, jnp.float32)))
     log_px = np.asarray(log_px, np.float64)
     per_dim_mean = np.asarray(per_dim, np.float64).mean(0)
     active = diagnostics.active_units(locs).count if np.all(np.isfinite(np.asarray(locs))) and data.shape[0] > 1 else -1
@@ -544,9 +562,10 @@ def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, 
         log_likelihood_se=float(log_px.std(ddof=1) / np.sqrt(log_px.size)) if log_px.size > 1 else float("nan"),
         bits_per_dim=float(-log_px.mean() / (data[0].size * np.log(2.0))),
         elbo=float(np.mean(np.asarray(bounds, np.float64))),
-        kl=float(per_dim_mean.sum()),
+        kl=float(np.mean(np.asarray(kls, np.float64))),
         kl_per_dimension=per_dim_mean,
         active_units=int(active),
+        latent_dim=int(np.asarray(locs).shape[1]),
         num_samples=num_samples,
         num_points=int(data.shape[0]),
     )

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,12 +21,17 @@ def run(tmp_path_factory):
 
 
 def test_train_writes_a_complete_run_folder(run, capsys):
-    for name in ("config.json", "metrics.jsonl", "evaluation.json", "training_curve.png", "reconstructions.png", "samples.png", "latent_space.png"):
+    for name in ("config.json", "environment.json", "metrics.jsonl", "evaluation.json", "training_curve.png", "reconstructions.png", "samples.png", "latent_space.png"):
         assert (run / name).exists(), name
     assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == ["10", "20"]
     evaluation = json.loads((run / "evaluation.json").read_text())
     assert np.isfinite(evaluation["log_likelihood"]) and evaluation["num_points"] == 20
     assert evaluation["elbo"] < evaluation["log_likelihood"] + 5 * evaluation["log_likelihood_se"]
+    (environment,) = json.loads((run / "environment.json").read_text())
+    assert environment["packages"]["jax"] == jax.__version__ and environment["command"][:2] == ["elbojax", "train"]
+    assert "git_revision" in environment
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["kl"]) and r["kl"] > 0 and r["kl_weight"] == 1.0 for r in records)
 
 
 def test_resume_continues_and_load_run_gives_the_model(run):
@@ -35,6 +41,7 @@ def test_resume_continues_and_load_run_gives_the_model(run):
     assert steps == [10, 20, 30]
     model = cli.load_run(run)
     assert model.log_joint(jnp.zeros(784), jnp.zeros(2)).shape == ()
+    assert len(json.loads((run / "environment.json").read_text())) == 2  # the start, then the resume
 
 
 def test_evaluate_command(run, capsys):
@@ -46,6 +53,8 @@ def test_evaluate_command(run, capsys):
     "flags, message",
     [
         (["--latent-dim", "3", "--resume"], r"cannot resume .*latent_dim: checkpoint 2, flags 3"),
+        (["--optimizer", "sgd", "--resume"], r"cannot resume .*optimizer: checkpoint 'adam', flags 'sgd'"),
+        (["--prior", "mixture", "--resume"], r"cannot resume .*prior: checkpoint 'standard', flags 'mixture'"),
         ([], r"already holds a run; pass --resume"),
     ],
 )
@@ -62,11 +71,22 @@ def test_incompatible_or_accidental_reuse_of_a_run_folder(run, flags, message):
         (["--hidden", "a,b"], r"--hidden must be comma-separated positive integers, got 'a,b'"),
         (["--steps-per-call", "5", "--checkpoint-every", "7"], r"--checkpoint-every \(7\) must be a multiple of --steps-per-call \(5\)"),
         (["--learning-rate", "-1"], r"--learning-rate must be > 0"),
+        (["--free-bits", "0.5"], r"Free bits apply to the ELBO with the KL in closed form only"),
+        (["--objective", "elbo", "--kl", "monte_carlo", "--free-bits", "0.5"], r"Free bits apply to the ELBO"),
+        (["--beta", "-1"], r"--beta must be >= 0"),
+        (["--kl-warmup", "-5"], r"--kl-warmup must be >= 0"),
+        (["--model", "two-layer", "--prior", "vamp"], r"--model two-layer has its own hierarchical prior"),
     ],
 )
 def test_bad_flags(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         cli.main(["train", "--run-dir", str(tmp_path / "r"), *flags])
+
+
+def test_an_unknown_choice_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--optimizer", "lion"])
+    assert exit_info.value.code == 2 and "invalid choice: 'lion'" in capsys.readouterr().err
 
 
 def test_resume_without_a_run(tmp_path):
@@ -77,3 +97,60 @@ def test_resume_without_a_run(tmp_path):
 def test_evaluate_needs_a_run_folder(tmp_path):
     with pytest.raises(SystemExit, match=r"is not a run folder"):
         cli.main(["evaluate", str(tmp_path)])
+
+
+def _config_file(tmp_path, settings):
+    path = tmp_path / "settings.json"
+    path.write_text(settings if isinstance(settings, str) else json.dumps(settings))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"num_sample": 3}, r"unknown settings \['num_sample'\]"),
+        ({"steps": "many"}, r"steps must be a int, got 'many'"),
+        ({"optimizer": "lion"}, r"optimizer must be one of .*got 'lion'"),
+        ("{not json", r"is not valid JSON"),
+        ("[1, 2]", r"must hold a JSON object"),
+    ],
+)
+def test_bad_config_files(tmp_path, settings, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--config", _config_file(tmp_path, settings)])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SystemExit, match=r"does not exist"):
+        cli.main(["train", "--config", str(tmp_path / "none.json")])
+
+
+def test_a_config_file_fills_in_what_the_flags_leave(tmp_path, monkeypatch):
+    """A run's own config.json is a valid --config; flags on the command line win over it."""
+    settings = {"objective": "elbo", "num_samples": 2, "hidden": [16, 8], "kl_warmup": 100, "beta": 0.5,
+                "optimizer": "adamax", "schedule": "cosine", "lr_warmup": 5, "free_bits": 0.1}
+    seen = {}
+    monkeypatch.setattr(cli, "_train", lambda args: seen.update(_config=cli._config_from(args)) or 0)
+    assert cli.main(["train", "--config", _config_file(tmp_path, settings), "--num-samples", "3", "--run-dir", str(tmp_path / "r")]) == 0
+    config = seen["_config"]
+    assert config["objective"] == "elbo" and config["num_samples"] == 3 and config["hidden"] == [16, 8]
+    assert (config["kl_warmup"], config["beta"], config["optimizer"], config["free_bits"]) == (100, 0.5, "adamax", 0.1)
+    # Warm-up from 0 to the rate over 5 steps, then cosine decay to 0 at the last step.
+    rate = cli._learning_rate(dict(config, learning_rate=1.0, steps=105))
+    np.testing.assert_allclose([rate(0), rate(5), rate(55), rate(105)], [0.0, 1.0, 0.5, 0.0], atol=1e-6)
+    assert cli._optimizer(config).init({"w": jnp.zeros(2)}) is not None
+
+
+@pytest.mark.parametrize("flags", [
+    ["--model", "two-layer", "--objective", "iwae", "--kl-warmup", "10"],
+    ["--decoder", "gaussian", "--prior", "vamp", "--prior-components", "3", "--objective", "elbo", "--beta", "0.5"],
+    ["--prior", "mixture", "--prior-components", "3", "--objective", "elbo", "--free-bits", "0.1", "--prior", "standard",
+     "--optimizer", "rmsprop", "--schedule", "exponential"],
+])
+def test_other_models_and_objectives_train_end_to_end(tmp_path, flags):
+    run_dir = tmp_path / "r"
+    assert cli.main(["train", "--run-dir", str(run_dir), *TINY, "--eval-samples", "10", "--eval-points", "10", *flags]) == 0
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert np.isfinite(evaluation["log_likelihood"]) and np.isfinite(evaluation["kl"])
+    model = cli.load_run(run_dir)
+    assert type(model).__name__ == ("TwoLayerVAE" if "two-layer" in flags else "VAE")

@@ -192,13 +192,23 @@ def test_fit_stops_after_too_many_non_finite_steps(tmp_path):
 
 
 def test_evaluate_reports_consistent_numbers(setup):
-    graphdef, state, _ = _fresh()
+    from elbojax import models
+
+    rngs = nnx.Rngs(0)
+    vae = models.VAE(models.GaussianMLPEncoder(6, 2, (8,), rngs=rngs), models.BernoulliMLPDecoder(2, 6, (8,), rngs=rngs), models.StandardNormalPrior(2))
+    graphdef, params = nnx.split(vae, nnx.Param)
     binary = (np.asarray(setup) > 0).astype(np.float32)[:6]
-    result = train.evaluate(graphdef, state.params, binary, num_samples=400, chunk_size=64, elbo_samples=50)
-    assert result.num_points == 6 and result.num_samples == 400
+    result = train.evaluate(graphdef, params, binary, num_samples=400, chunk_size=64, elbo_samples=50)
+    assert result.num_points == 6 and result.num_samples == 400 and result.latent_dim == 2
     assert result.elbo < result.log_likelihood  # a bound below the (near-exact) estimate
+    expected_kl = np.mean([float(vae.analytic_kl(jnp.asarray(x))) for x in binary])
+    np.testing.assert_allclose(result.kl, expected_kl, rtol=1e-5)
     assert result.kl_per_dimension.shape == (2,) and np.isclose(result.kl, result.kl_per_dimension.sum())
     np.testing.assert_allclose(result.bits_per_dim, -result.log_likelihood / (6 * np.log(2)))
     assert 0 <= result.active_units <= 2 and result.log_likelihood_se > 0
-    with pytest.raises(ValueError, match=r"data"):
-        train.evaluate(graphdef, state.params, np.full((2, 6), 0.5, np.float32))
+    with pytest.raises(ValueError, match=r"`data` must be binary"):
+        train.evaluate(graphdef, params, np.full((2, 6), 0.5, np.float32))
+    # A model with only log_joint and proposal: no KL to report, the rest as usual.
+    graphdef, state, _ = _fresh()
+    plain = train.evaluate(graphdef, state.params, binary, num_samples=100, chunk_size=50, elbo_samples=10)
+    assert np.isnan(plain.kl) and np.isfinite(plain.log_likelihood) and plain.latent_dim == 2
