@@ -363,7 +363,10 @@ def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict,
     if eval_points:
         test, labels = test[:eval_points], (None if labels is None else labels[:eval_points])
     result = train.evaluate(graphdef, params, test, seed=seed, num_samples=eval_samples)
-    record = result._replace(kl_per_dimension=np.asarray(result.kl_per_dimension).tolist())._asdict()
+    record = result._replace(
+        kl_per_dimension=np.asarray(result.kl_per_dimension).tolist(),
+        log_likelihood_per_point=np.asarray(result.log_likelihood_per_point).tolist(),
+    )._asdict()
     (run_dir / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n")
     _print_evaluation(result)
     written = plots.write_run_plots(run_dir, graphdef, params, test, labels, seed=seed)

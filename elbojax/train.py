@@ -500,6 +500,8 @@ class Evaluation(NamedTuple):
       latent_dim: the number of dimensions of $E_q[z]$.
       num_samples: the K used for the log-likelihood.
       num_points: how many data points.
+      log_likelihood_per_point: `(N,)`, $\\log \\hat p(x_i)$ of each point (for paired comparisons
+        of models on the same points and keys).
     """
 
     log_likelihood: float
@@ -512,6 +514,7 @@ class Evaluation(NamedTuple):
     latent_dim: int
     num_samples: int
     num_points: int
+    log_likelihood_per_point: Any = None
 
 
 def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, chunk_size: int = 500, elbo_samples: int = 100) -> Evaluation:
@@ -568,4 +571,5 @@ def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, 
         latent_dim=int(np.asarray(locs).shape[1]),
         num_samples=num_samples,
         num_points=int(data.shape[0]),
+        log_likelihood_per_point=log_px,
     )
