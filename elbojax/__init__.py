@@ -3,7 +3,7 @@
 Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`.
 """
 
-from elbojax import data, diagnostics, discrete, exact, gradients, interop, models
+from elbojax import data, diagnostics, discrete, distributed, exact, gradients, interop, models
 from elbojax.bounds import (
     combination_iwae_bound,
     multi_iwae_bound,
@@ -51,6 +51,7 @@ __all__ = [
     "data",
     "diagnostics",
     "discrete",
+    "distributed",
     "effective_sample_size",
     "elbo",
     "elbo_analytic_kl",
@@ -65,6 +66,7 @@ __all__ = [
     "gradient_snr",
     "gradients",
     "importance_log_marginal",
+    "interop",
     "iwae_bound",
     "kl_per_dimension",
     "log_weights",

@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     optimization.add_argument("--steps", type=int, default=3000)
     optimization.add_argument("--steps-per-call", type=int, default=50)
     optimization.add_argument("--checkpoint-every", type=int, default=500)
+    _add_device_flags(train.add_argument_group("devices (see README: Scaling out)"))
     evaluation = train.add_argument_group("evaluation")
     evaluation.add_argument("--eval-samples", type=int, default=5000, help="K for the test log-likelihood (default 5000)")
     evaluation.add_argument("--eval-points", type=int, default=500, help="test points to evaluate at the end (default 500; 0 for all)")
@@ -72,7 +73,52 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--eval-samples", type=int, default=5000)
     evaluate.add_argument("--eval-points", type=int, default=0, help="test points (default 0: all)")
+    _add_device_flags(evaluate.add_argument_group("devices"))
     return parser
+
+
+def _add_device_flags(group) -> None:
+    group.add_argument("--devices", type=str, default="1", help="devices per process: a number, or 'all' (default 1); the batch is split over them")
+    group.add_argument("--coordinator", type=str, default=None, help="host:port of process 0, for a multi-process run (or $JAX_COORDINATOR_ADDRESS)")
+    group.add_argument("--num-processes", type=int, default=None, help="processes in a multi-process run (or $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None, help="this process, 0..num-processes-1 (or $JAX_PROCESS_ID)")
+    group.add_argument("--distributed-timeout", type=int, default=60, help="seconds to wait for every process to join (default 60)")
+
+
+def _start_devices(args):
+    """Fix the device count and join a multi-process run, before JAX starts its backend; the mesh."""
+    import os
+
+    import jax
+
+    from elbojax import distributed
+
+    if args.devices == "all":
+        per_process = None
+    else:
+        try:
+            per_process = int(args.devices)
+        except ValueError:
+            raise SystemExit(f"elbojax: --devices must be a positive integer or 'all', got {args.devices!r}") from None
+        if per_process < 1:
+            raise SystemExit(f"elbojax: --devices must be >= 1, got {per_process}")
+    if per_process is not None and per_process > 1:
+        try:  # on CPU, the number of devices; accelerators ignore it
+            jax.config.update("jax_num_cpu_devices", per_process)
+        except RuntimeError as error:
+            raise SystemExit(f"elbojax: --devices must be set before JAX starts its backend (run elbojax in a fresh process): {error}") from None
+    multi_process = args.coordinator is not None or args.num_processes is not None or args.process_id is not None or any(
+        name in os.environ for name in distributed.ENVIRONMENT
+    )
+    try:
+        if multi_process:
+            distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.distributed_timeout)
+            if per_process is not None and len(jax.local_devices()) < per_process:
+                raise ValueError(f"--devices {per_process}, but this process has {len(jax.local_devices())} devices")
+            return distributed.data_mesh()
+        return distributed.data_mesh(per_process)
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f"elbojax: {error}") from None
 
 
 def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -296,6 +342,9 @@ def _record_environment(run_dir: Path, argv: list[str]) -> None:
 
 
 def _prepare_run(args, config: dict) -> dict:
+    """Check the run folder (every process), then write config.json and environment.json (process 0)."""
+    from elbojax import distributed
+
     run_dir: Path = args.run_dir
     saved = run_dir / "config.json"
     if args.resume:
@@ -310,9 +359,12 @@ def _prepare_run(args, config: dict) -> dict:
         config = previous
     elif saved.exists():
         raise SystemExit(f"elbojax: {run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(config, indent=2) + "\n")
-    _record_environment(run_dir, args.argv)
+    distributed.barrier("elbojax-run-checked")
+    if distributed.is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(config, indent=2) + "\n")
+        _record_environment(run_dir, args.argv)
+    distributed.barrier("elbojax-run-prepared")
     return config
 
 
@@ -352,17 +404,20 @@ def _print_evaluation(result) -> None:
         print(f"{name:<{width}}  {value}")
 
 
-def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict, eval_samples: int, eval_points: int):
+def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict, eval_samples: int, eval_points: int, mesh=None):
     import numpy as np
 
-    from elbojax import plots, train
+    from elbojax import distributed, plots, train
 
     seed = config["seed"]
     test = _test_data(dataset.test.images, config)
     labels = dataset.test.labels
     if eval_points:
         test, labels = test[:eval_points], (None if labels is None else labels[:eval_points])
-    result = train.evaluate(graphdef, params, test, seed=seed, num_samples=eval_samples)
+    result = train.evaluate(graphdef, params, test, seed=seed, num_samples=eval_samples, mesh=mesh)
+    if not distributed.is_primary():
+        return result
+    params = distributed.to_host(params)
     record = result._replace(
         kl_per_dimension=np.asarray(result.kl_per_dimension).tolist(),
         log_likelihood_per_point=np.asarray(result.log_likelihood_per_point).tolist(),
@@ -381,16 +436,18 @@ def load_run(run_dir):
     return _restore(run_dir, config, _load_data(config["data"], None, False))
 
 
-def _restore(run_dir: Path, config: dict, dataset):
-    """The model of `config` with the parameters of the run's latest checkpoint."""
+def _restore(run_dir: Path, config: dict, dataset, mesh=None):
+    """The model of `config` with the parameters of the run's latest checkpoint (on `mesh`'s devices)."""
     import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from elbojax import train
+    from elbojax import distributed, train
 
     model = build_model(config, _images_for_training(dataset, config))
     graphdef, state = train.init(model, _optimizer(config))
+    if mesh is not None:
+        state = distributed.replicate(state, mesh)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
@@ -399,9 +456,13 @@ def _restore(run_dir: Path, config: dict, dataset):
 
 
 def _train(args) -> int:
-    from elbojax import train
+    from elbojax import distributed, train
 
-    config = _prepare_run(args, _config_from(args))
+    config = _config_from(args)
+    mesh = _start_devices(args)
+    if config["batch_size"] % mesh.size:
+        raise SystemExit(f"elbojax: --batch-size ({config['batch_size']}) must be a multiple of the number of devices ({mesh.size})")
+    config = _prepare_run(args, config)
     dataset = _load_data(config["data"], args.data_dir, args.download)
     images = _images_for_training(dataset, config)
     model = build_model(config, images)
@@ -411,10 +472,12 @@ def _train(args) -> int:
         objective_fn = _objective(config)
     except ValueError as error:  # an older run's config.json may hold a combination refused now
         raise SystemExit(f"elbojax: {error}") from None
-    print(f"training {config['objective'].upper()} (K={config['num_samples']}, gradient={config['gradient']}) on {config['data']}: "
-          f"{images.shape[0]} examples, {config['steps']} steps -> {args.run_dir}")
-    state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress)
-    _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points)
+    if distributed.is_primary():
+        devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device{'s' if mesh.size > 1 else ''}"
+        print(f"training {config['objective'].upper()} (K={config['num_samples']}, gradient={config['gradient']}) on {config['data']}: "
+              f"{images.shape[0]} examples, {config['steps']} steps, {devices} -> {args.run_dir}")
+    state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress, mesh=mesh)
+    _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points, mesh)
     return 0
 
 
@@ -426,8 +489,9 @@ def _evaluate(args) -> int:
         raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")
     config = json.loads(config_path.read_text())
     dataset = _load_data(config["data"], None, False)
-    graphdef, params = nnx.split(_restore(args.run_dir, config, dataset), nnx.Param)
-    _evaluate_and_report(args.run_dir, graphdef, params, dataset, config, args.eval_samples, args.eval_points)
+    mesh = _start_devices(args)
+    graphdef, params = nnx.split(_restore(args.run_dir, config, dataset, mesh), nnx.Param)
+    _evaluate_and_report(args.run_dir, graphdef, params, dataset, config, args.eval_samples, args.eval_points, mesh)
     return 0
 
 

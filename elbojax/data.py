@@ -432,7 +432,14 @@ def _parse_binarized_amat(data: bytes, source: str) -> np.ndarray:
 
 
 def dynamic_binarize(
-    images: np.ndarray, *, seed: int, epoch: int, step: int, dtype: DTypeLike = np.float32
+    images: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    step: int,
+    dtype: DTypeLike = np.float32,
+    rows: slice | None = None,
+    batch_size: int | None = None,
 ) -> np.ndarray:
     r"""A fresh binarization of a batch: each pixel $\sim \mathrm{Bernoulli}(\text{grey}/255)$.
 
@@ -441,15 +448,28 @@ def dynamic_binarize(
     MNIST: afresh each time an image is used.
 
     Args:
-      images: `uint8[...]` grey levels 0..255, any shape (a batch, or one image).
+      images: `uint8[...]` grey levels 0..255, any shape (a batch, or one image); with `rows`,
+        only those rows of the batch.
       seed, epoch, step: non-negative ints.
       dtype: the dtype of the result.
+      rows: binarize only these rows of a batch of `batch_size` (`images` holds just them), with
+        exactly the draws the whole batch would get: how a process or device that holds a slice
+        of a global batch binarizes its slice.
+      batch_size: the whole batch's size; required with `rows`.
 
     Returns:
       An array of 0s and 1s of `images`' shape and dtype `dtype`.
     """
+    images = _check_grey_levels(images, "images")
     rng = _rng(_DYNAMIC_STREAM, seed=seed, epoch=epoch, step=step)
-    return _bernoulli(_check_grey_levels(images, "images"), rng, dtype)
+    if rows is None:
+        return _bernoulli(images, rng, dtype)
+    batch_size = _check_positive(batch_size, "batch_size")
+    expected = len(range(batch_size)[rows])
+    if images.shape[:1] != (expected,):
+        raise ValueError(f"`images` must hold the {expected} rows {rows} of the batch, got shape {images.shape}.")
+    u = rng.integers(0, 255, size=(batch_size, *images.shape[1:]), dtype=np.uint8)[rows]
+    return (u < images).astype(dtype)
 
 
 def static_binarize(images: np.ndarray, *, seed: int, dtype: DTypeLike = np.float32) -> np.ndarray:

@@ -131,18 +131,29 @@ def is_reparameterizable(proposal, sample) -> bool:
     A sample with an integer or boolean leaf is discrete; a TFP distribution also says so
     through its `reparameterization_type`.
     """
+    return _declared_reparameterized(proposal) and not _has_discrete_leaf(sample)
+
+
+def _declared_reparameterized(proposal) -> bool:
+    """What the proposal's `reparameterization_type` says (every node of a joint's dict or list)."""
     inner = proposal.distribution if isinstance(proposal, TFPProposal) else proposal
     kind = getattr(inner, "reparameterization_type", None)
-    if kind is not None and "FULLY_REPARAMETERIZED" not in str(kind).upper():
-        return False
-    return all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jax.tree.leaves(sample))
+    if kind is None:
+        return True
+    kinds = list(kind.values()) if isinstance(kind, dict) else list(kind) if isinstance(kind, (list, tuple)) else [kind]
+    return all("FULLY_REPARAMETERIZED" in str(k).upper() for k in kinds)
+
+
+def _has_discrete_leaf(sample) -> bool:
+    return not all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jax.tree.leaves(sample))
 
 
 def not_reparameterizable_message(proposal, gradient: str) -> str:
     inner = proposal.distribution if isinstance(proposal, TFPProposal) else proposal
     return (
         f"gradient={gradient!r} needs a reparameterizable proposal, but "
-        f"{type(inner).__name__} cannot be reparameterized (its samples are discrete). "
+        f"{type(inner).__name__} cannot be reparameterized (its samples are discrete, or its "
+        "reparameterization_type is not FULLY_REPARAMETERIZED). "
         "Use gradient='score' or 'vimco', enumerate the latent (elbojax.discrete), or a relaxation."
     )
 

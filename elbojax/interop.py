@@ -42,7 +42,9 @@ against the latent nodes and returns it adapted.
 Limitations: the NumPyro adapter evaluates the whole model for one `z`, so subsampling plates
 are out of scope (their `scale` is applied as `log_density` does, with a fixed subsample), and so
 is enumeration of discrete sites (`infer={"enumerate": ...}`): sample them in the guide and use
-`gradient="score"` or `"vimco"`.
+`gradient="score"` or `"vimco"`. NumPyro's `RenyiELBO` splits its bound over a plate that
+encloses every site (a sum of per-point bounds); `log_joint` is the whole model's, so for such a
+model the elbojax way to the same per-point bounds is a `jax.vmap` over the data points.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ import jax
 import jax.numpy as jnp
 
 from elbojax.proposals import as_proposal
+
+__all__ = ["from_numpyro", "from_tfp_joint", "NumPyroAdapter", "NumPyroProposal", "TFPJointAdapter"]
 
 FULLY_REPARAMETERIZED = "FULLY_REPARAMETERIZED"
 NOT_REPARAMETERIZED = "NOT_REPARAMETERIZED"
@@ -164,24 +168,27 @@ def _check_mapping(value, name: str, what: str) -> dict:
     return dict(value)
 
 
-def _check_params(params, required: dict[str, _Site], allowed: set[str], name: str) -> dict:
+def _check_params(params, required: dict[str, _Site], allowed: set[str], owner: str) -> dict:
     """`params` restricted to the `required` sites, with names and structures checked."""
-    params = _check_mapping(params, name, "{param site name: value}")
+    params = _check_mapping(params, "params", "{param site name: value}")
     missing = [site for site in required if site not in params]
     unknown = [site for site in params if site not in allowed]
     if missing or unknown:
+        problems = ([f"missing: {_names(missing)}"] if missing else []) + (
+            [f"unknown (not param sites of the model or guide): {_names(unknown)}"] if unknown else []
+        )
+        others = [site for site in allowed if site not in required]
+        also = f", and may hold the other param sites ({_names(others)})" if others else ""
         raise ValueError(
-            f"`{name}` must hold a value for every param site "
-            + (f"(missing: {_names(missing)}) " if missing else "")
-            + (f"and nothing else (not a param site of the model or guide: {_names(unknown)}) " if unknown else "")
-            + f"; expected {_names(required)}."
+            f"`params` must hold a value for each of the {owner}'s param sites ({_names(required)}){also}; "
+            f"{'; '.join(problems)}."
         )
     for site_name, site in required.items():
         got = _Shapes.of(params[site_name])
         if got != site.shapes:
             raise ValueError(
-                f"`{name}[{site_name!r}]` must have {site.shapes.describe()} (its value in the "
-                f"guide or model), got {got.describe()}."
+                f"`params[{site_name!r}]` must have {site.shapes.describe()} (its value in "
+                f"the {owner}), got {got.describe()}."
             )
     return {site: params[site] for site in required}
 
@@ -343,7 +350,7 @@ class NumPyroAdapter:
 
         `params` may also hold the model's own param sites (one dict for both, as in SVI).
         """
-        guide_params = _check_params(params, self._guide_params, set(self._params), "params")
+        guide_params = _check_params(params, self._guide_params, set(self._params), "guide")
         return NumPyroProposal(self._guide, self._args, self._kwargs, guide_params, self._latent)
 
     def log_joint(self, x, z):
@@ -366,7 +373,7 @@ class NumPyroAdapter:
 
     def log_joint_with(self, params) -> Callable[[Any, Any], jax.Array]:
         """`log_joint(x, z)` with the model's own param sites set from `params` (a dict)."""
-        model_params = _check_params(params, self._model_params, set(self._params), "params")
+        model_params = _check_params(params, self._model_params, set(self._params), "model")
         return functools.partial(self._log_joint, model_params)
 
     def _log_joint(self, model_params, x, z):
@@ -556,7 +563,7 @@ class TFPJointAdapter:
                     f"{_names(self.latent_names)}, in order; got {len(z)} values."
                 )
             values = dict(zip(self.latent_names, z))
-        elif hasattr(z, "shape") and len(self.latent_names) == 1:
+        elif len(self.latent_names) == 1:  # a bare array
             values = {self.latent_names[0]: z}
         else:
             raise TypeError(
@@ -644,7 +651,9 @@ def from_tfp_joint(joint, observed: Mapping[str, Any]) -> TFPJointAdapter:
     observed = _check_mapping(observed, "observed", "{node name: value}")
     unknown = [name for name in observed if name not in names]
     if unknown:
-        raise ValueError(f"`observed` names nodes the joint does not have: {_names(unknown)}; its nodes are {_names(names)}.")
+        raise ValueError(
+            f"`observed` names nodes the joint does not have: {_names(unknown)}; its nodes are {_names(names)}."
+        )
     if not observed or len(observed) == len(names):
         raise ValueError(
             f"`observed` must name some but not all of the joint's nodes {_names(names)}; got {_names(observed)}."

@@ -27,10 +27,11 @@ from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
-from elbojax import _checks
+from elbojax import _checks, distributed
 from elbojax.estimators import elbo, expectation, iwae_bound
 
 KLWeight = Union[float, Callable[[jax.Array], jax.Array]]
@@ -373,31 +374,54 @@ def _check_config(config: FitConfig, num_examples: int) -> None:
         raise ValueError(f"`batch_size` ({config.batch_size}) exceeds the number of examples ({num_examples}).")
 
 
-def _batches_for(images, config: FitConfig, first_step: int, count: int):
-    """The stacked batches `(count, B, D)` and global indices `(count, B)` of steps first..first+count-1."""
+def _batches_for(images, config: FitConfig, first_step: int, count: int, mesh):
+    """The batches of steps first..first+count-1 as global arrays `(count, B, D)` and indices `(count, B)`.
+
+    Split along the example axis over `mesh`; this process reads and binarizes only the rows
+    its own devices hold (with exactly the draws of the whole batch).
+    """
     from elbojax import data
 
     num_examples = images.shape[0]
     per_epoch = num_examples // config.batch_size
-    xs, indices = [], []
-    for step in range(first_step, first_step + count):
-        epoch, position = divmod(step, per_epoch)
-        index = data.batch_indices(config.seed, epoch, num_examples, config.batch_size)[position]
-        batch = images[index]
-        if config.binarize == "dynamic":
-            batch = data.dynamic_binarize(batch, seed=config.seed, epoch=epoch, step=position)
-        xs.append(batch.reshape(config.batch_size, -1))
-        indices.append(index)
-    return jnp.asarray(jnp.stack(xs), jnp.float32), jnp.asarray(jnp.stack(indices), jnp.int32)
+    positions = [divmod(step, per_epoch) for step in range(first_step, first_step + count)]
+    indices = np.stack([data.batch_indices(config.seed, epoch, num_examples, config.batch_size)[position] for epoch, position in positions])
+
+    def fetch(block):
+        steps, rows = block[0], block[1]
+        out = []
+        for (epoch, position), index in zip(positions[steps], indices[steps]):
+            batch = images[index[rows]].reshape(len(index[rows]), -1)
+            if config.binarize == "dynamic":
+                batch = data.dynamic_binarize(batch, seed=config.seed, epoch=epoch, step=position, rows=rows, batch_size=config.batch_size)
+            out.append(batch)
+        return np.asarray(np.stack(out), np.float32)[(slice(None), slice(None), *block[2:])]
+
+    data_dim = int(np.prod(images.shape[1:]))
+    batches = distributed.shard_rows((count, config.batch_size, data_dim), mesh, fetch, axis=1)
+    global_indices = distributed.shard_rows((count, config.batch_size), mesh, lambda block: indices[block].astype(np.int32), axis=1)
+    return batches, global_indices
 
 
-def fit(graphdef, state: TrainState, optimizer, objective_fn: Objective, images, *, run_dir, config: FitConfig = FitConfig(), progress: bool = True) -> TrainState:
+def fit(
+    graphdef,
+    state: TrainState,
+    optimizer,
+    objective_fn: Objective,
+    images,
+    *,
+    run_dir,
+    config: FitConfig = FitConfig(),
+    progress: bool = True,
+    mesh=None,
+) -> TrainState:
     """Train until `config.num_steps`, resuming from the latest checkpoint in `run_dir` if there is one.
 
     Checkpoints (orbax) are written every `config.checkpoint_every` steps and at the end, keeping
     the last `config.keep_checkpoints`; metrics go to `run_dir/metrics.jsonl`, one line per call.
     Because every key and batch is a function of the step, a run interrupted at any point (even
-    killed) and resumed reaches the same parameters as an uninterrupted one.
+    killed) and resumed reaches the same parameters as an uninterrupted one, on any number of
+    devices.
 
     Args:
       graphdef, state: from `init` (the state is the starting point when there is no checkpoint,
@@ -409,15 +433,17 @@ def fit(graphdef, state: TrainState, optimizer, objective_fn: Objective, images,
       run_dir: the run's folder.
       config: a `FitConfig`.
       progress: show a tqdm progress bar with the running bound.
+      mesh: a `jax.sharding.Mesh` with a `"data"` axis (`elbojax.distributed.data_mesh`): the
+        state is replicated on its devices and each batch split over them; `config.batch_size`
+        must be a multiple of the device count. Default: the first device.
 
     Returns:
-      The final `TrainState`.
+      The final `TrainState` (replicated on the mesh).
     """
     import json
     import time
     from pathlib import Path
 
-    import numpy as np
     import orbax.checkpoint as ocp
     from tqdm.auto import tqdm
 
@@ -429,27 +455,42 @@ def fit(graphdef, state: TrainState, optimizer, objective_fn: Objective, images,
         data.check_for_likelihood(images, _likelihood_of(graphdef, state.params), "images")
     elif images.dtype != np.uint8:
         raise TypeError(f"binarize='dynamic' needs uint8 grey levels, got dtype {images.dtype}; pass binarize='none' for data that are already binary.")
+    mesh = distributed.data_mesh(1) if mesh is None else mesh
+    distributed.check_divisible(config.batch_size, mesh, "`batch_size`")
+    primary = distributed.is_primary()
 
     run_dir = Path(run_dir)
     manager = ocp.CheckpointManager(
         (run_dir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=False),
     )
+    state = distributed.replicate(state, mesh)
     if manager.latest_step() is not None:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)  # carries the mesh's shardings
         state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
 
-    multi_step = jax.jit(make_multi_step(make_step(graphdef, optimizer, objective_fn, seed=config.seed)))
+    replicated = distributed.replicated(mesh)
+    batch_sharding = distributed.row_sharding(mesh, 3, axis=1)
+    multi_step = jax.jit(
+        make_multi_step(make_step(graphdef, optimizer, objective_fn, seed=config.seed)),
+        in_shardings=(replicated, batch_sharding, distributed.row_sharding(mesh, 2, axis=1)),
+        out_shardings=(replicated, replicated),
+    )
     start = int(state.step)
-    bar = tqdm(total=config.num_steps, initial=start, disable=not progress, desc="training", unit="step")
-    with open(run_dir / "metrics.jsonl", "a") as metrics:
+    metrics_path = run_dir / "metrics.jsonl"
+    if primary:
+        _truncate_metrics(metrics_path, start)
+    distributed.barrier("elbojax-fit-start")
+    bar = tqdm(total=config.num_steps, initial=start, disable=not (progress and primary), desc="training", unit="step")
+    with open(metrics_path, "a") if primary else _Discard() as metrics:
         while int(state.step) < config.num_steps:
             first = int(state.step)
             count = min(config.steps_per_call, config.num_steps - first)
-            batches, indices = _batches_for(images, config, first, count)
+            batches, indices = _batches_for(images, config, first, count, mesh)
             began = time.perf_counter()
             state, info = multi_step(state, batches, indices)
-            applied = lambda values: float(jnp.mean(jnp.where(info.finite, values, jnp.nan)))
+            info = distributed.to_host(info)
+            applied = lambda values: float(np.mean(np.where(info.finite, values, np.nan)))
             objective_mean = applied(info.objective)
             record = {
                 "step": int(state.step), "objective": objective_mean, "kl": applied(info.kl),
@@ -475,6 +516,34 @@ def fit(graphdef, state: TrainState, optimizer, objective_fn: Objective, images,
     bar.close()
     manager.close()
     return state
+
+
+class _Discard:
+    """A metrics file for the processes that do not write one."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text):
+        pass
+
+    def flush(self):
+        pass
+
+
+def _truncate_metrics(path, step: int) -> None:
+    """Drop metrics past `step` (written after the checkpoint a resumed run restarts from)."""
+    import json
+
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,14 +586,26 @@ class Evaluation(NamedTuple):
     log_likelihood_per_point: Any = None
 
 
-def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, chunk_size: int = 500, elbo_samples: int = 100) -> Evaluation:
+def evaluate(
+    graphdef,
+    params,
+    data,
+    *,
+    seed: int = 0,
+    num_samples: int = 5000,
+    chunk_size: int = 500,
+    elbo_samples: int = 100,
+    mesh=None,
+) -> Evaluation:
     """Evaluate a model on `data` `(N, D)`: log-likelihood, ELBO, KL, active units.
 
     The K-sample importance estimate is chunked (`chunk_size` samples at a time) and mapped over
     data points with `lax.map`, which bounds memory and, on CPU, is faster than vmapping the
-    whole set at once (the evaluation is memory-bound).
+    whole set at once (the evaluation is memory-bound). With a `mesh`, the points are split over
+    its devices (each maps over its own share; the set is padded to a multiple of the device
+    count and the padding dropped). Point i's key is `fold_in(key(seed), i)` on any mesh.
     """
-    import numpy as np
+    from jax.sharding import PartitionSpec
 
     from elbojax import data as data_lib
     from elbojax import diagnostics
@@ -532,11 +613,12 @@ def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, 
 
     data = np.asarray(data)
     data_lib.check_for_likelihood(data, _likelihood_of(graphdef, params), "data")
+    if data.ndim != 2 or data.shape[0] < 1:
+        raise ValueError(f"`data` must have shape (N, D) with N >= 1, got {data.shape}.")
+    mesh = distributed.data_mesh(1) if mesh is None else mesh
     base = jax.random.key(seed)
 
-    @jax.jit
-    def per_point(args):
-        index, x = args
+    def per_point(params, index, x):
         model = nnx.merge(graphdef, params)
         key = jax.random.fold_in(base, index)
         q = model.proposal(x)
@@ -555,21 +637,30 @@ def evaluate(graphdef, params, data, *, seed: int = 0, num_samples: int = 5000, 
         loc = first.mean() if callable(getattr(first, "mean", None)) else jnp.full((1,), jnp.nan)
         return log_px, bound, kl, per_dim, loc
 
-    indices = jnp.arange(data.shape[0], dtype=jnp.uint32)
-    log_px, bounds, kls, per_dim, locs = jax.jit(lambda xs: jax.lax.map(per_point, xs))((indices, jnp.asarray(data, jnp.float32)))
-    log_px = np.asarray(log_px, np.float64)
-    per_dim_mean = np.asarray(per_dim, np.float64).mean(0)
-    active = diagnostics.active_units(locs).count if np.all(np.isfinite(np.asarray(locs))) and data.shape[0] > 1 else -1
+    def shard(params, indices, xs):  # one device's points, one at a time
+        return jax.lax.map(lambda args: per_point(params, *args), (indices, xs))
+
+    points = PartitionSpec(distributed.DATA_AXIS)
+    run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(PartitionSpec(), points, points), out_specs=points))
+    num_points = data.shape[0]
+    padded = -(-num_points // mesh.size) * mesh.size
+    rows = np.concatenate([data, np.zeros((padded - num_points, data.shape[1]), data.dtype)]).astype(np.float32)
+    xs = distributed.shard_rows(rows.shape, mesh, lambda block: rows[block])
+    indices = distributed.shard_rows((padded,), mesh, lambda block: np.arange(padded, dtype=np.uint32)[block])
+    outputs = distributed.to_host(run(distributed.replicate(params, mesh), indices, xs))
+    log_px, bounds, kls, per_dim, locs = (np.asarray(out[:num_points], np.float64) for out in outputs)
+    per_dim_mean = per_dim.mean(0)
+    active = diagnostics.active_units(locs).count if np.all(np.isfinite(locs)) and num_points > 1 else -1
     return Evaluation(
         log_likelihood=float(log_px.mean()),
         log_likelihood_se=float(log_px.std(ddof=1) / np.sqrt(log_px.size)) if log_px.size > 1 else float("nan"),
-        bits_per_dim=float(-log_px.mean() / (data[0].size * np.log(2.0))),
-        elbo=float(np.mean(np.asarray(bounds, np.float64))),
-        kl=float(np.mean(np.asarray(kls, np.float64))),
+        bits_per_dim=float(-log_px.mean() / (data.shape[1] * np.log(2.0))),
+        elbo=float(bounds.mean()),
+        kl=float(kls.mean()),
         kl_per_dimension=per_dim_mean,
         active_units=int(active),
-        latent_dim=int(np.asarray(locs).shape[1]),
+        latent_dim=int(locs.shape[1]),
         num_samples=num_samples,
-        num_points=int(data.shape[0]),
+        num_points=int(num_points),
         log_likelihood_per_point=log_px,
     )

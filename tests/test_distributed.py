@@ -1,0 +1,150 @@
+"""Data-parallel training and evaluation: 4 CPU devices and 2 processes give what 1 device gives.
+
+Each configuration runs in a subprocess, because the device count and `jax.distributed` must be
+set before JAX starts its backend. XLA's threads are kept to one per process (2 cores are shared).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from elbojax import cli, distributed
+
+TINY = ["--steps", "20", "--steps-per-call", "10", "--checkpoint-every", "10", "--batch-size", "20",
+        "--eval-points", "10", "--eval-samples", "20", "--latent-dim", "2", "--hidden", "16", "--no-progress"]
+ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false", JAX_PLATFORMS="cpu")
+for name in distributed.ENVIRONMENT:
+    ENV.pop(name, None)
+
+
+def _python(code: str, timeout: int = 300) -> str:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=ENV)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _params(run_dir: Path) -> np.ndarray:
+    model = cli.load_run(run_dir)
+    from flax import nnx
+
+    return np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One device; four devices; four then resumed on one; two processes of one device each."""
+    root = tmp_path_factory.mktemp("distributed")
+    port = _free_port()
+    two = [
+        subprocess.Popen(
+            [sys.executable, "-m", "elbojax.cli", "train", "--run-dir", str(root / "two_processes"), *TINY,
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--distributed-timeout", "120"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=400) for p in two]
+    for p, (out, err) in zip(two, outputs):
+        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    _python(f"""
+        from elbojax import cli
+        root = {str(root)!r}
+        tiny = {TINY!r}
+        cli.main(["train", "--run-dir", root + "/four", "--devices", "4", *tiny])
+        cli.main(["train", "--run-dir", root + "/one", "--devices", "1", *tiny])
+        short = [a if a != "20" or i != 1 else "10" for i, a in enumerate(tiny)]
+        cli.main(["train", "--run-dir", root + "/four_then_one", "--devices", "4", *short])
+        cli.main(["train", "--run-dir", root + "/four_then_one", "--devices", "1", "--resume", *tiny])
+    """)
+    return root, outputs
+
+
+def test_four_devices_train_like_one(runs):
+    root, _ = runs
+    np.testing.assert_allclose(_params(root / "four"), _params(root / "one"), rtol=1e-4, atol=1e-5)
+    (environment,) = json.loads((root / "four" / "environment.json").read_text())
+    assert environment["command"][environment["command"].index("--devices") + 1] == "4"
+    steps = [json.loads(line)["step"] for line in (root / "four" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20]
+
+
+def test_a_run_resumed_on_another_device_count_continues(runs):
+    root, _ = runs
+    np.testing.assert_allclose(_params(root / "four_then_one"), _params(root / "one"), rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_train_like_one(runs):
+    root, outputs = runs
+    np.testing.assert_allclose(_params(root / "two_processes"), _params(root / "one"), rtol=1e-4, atol=1e-5)
+    # Process 0 alone reports and writes the run's files; both took part in the checkpoints.
+    assert "test log-likelihood" in outputs[0][0] and "test log-likelihood" not in outputs[1][0]
+    evaluation = json.loads((root / "two_processes" / "evaluation.json").read_text())
+    reference = json.loads((root / "one" / "evaluation.json").read_text())
+    np.testing.assert_allclose(evaluation["log_likelihood_per_point"], reference["log_likelihood_per_point"], rtol=1e-4)
+    assert len(json.loads((root / "two_processes" / "environment.json").read_text())) == 1
+
+
+def test_sharded_evaluation_equals_one_device():
+    out = _python("""
+        import jax, json, numpy as np
+        jax.config.update("jax_num_cpu_devices", 4)
+        from flax import nnx
+        from elbojax import distributed, models, train
+        rngs = nnx.Rngs(0)
+        vae = models.VAE(models.GaussianMLPEncoder(6, 2, (8,), rngs=rngs), models.BernoulliMLPDecoder(2, 6, (8,), rngs=rngs), models.StandardNormalPrior(2))
+        graphdef, params = nnx.split(vae, nnx.Param)
+        data = (np.random.default_rng(0).random((7, 6)) < 0.5).astype(np.float32)   # 7 points: padded to 8
+        one = train.evaluate(graphdef, params, data, num_samples=64, chunk_size=16, elbo_samples=8)
+        four = train.evaluate(graphdef, params, data, num_samples=64, chunk_size=16, elbo_samples=8, mesh=distributed.data_mesh(4))
+        print(json.dumps([one.log_likelihood_per_point.tolist(), four.log_likelihood_per_point.tolist(), one.kl, four.kl, one.active_units, four.active_units]))
+    """)
+    one, four, kl_one, kl_four, active_one, active_four = json.loads(out.strip().splitlines()[-1])
+    assert len(one) == len(four) == 7
+    np.testing.assert_allclose(four, one, rtol=1e-6)
+    np.testing.assert_allclose(kl_four, kl_one, rtol=1e-6)
+    assert active_one == active_four
+
+
+def test_bad_device_settings(tmp_path):
+    with pytest.raises(ValueError, match=r"Asked for 64 devices, but JAX sees"):
+        distributed.data_mesh(64)
+    with pytest.raises(ValueError, match=r"must be a multiple of the number of devices \(4\)"):
+        class FourDevices:
+            size = 4
+        distributed.check_divisible(10, FourDevices, "`batch_size`")
+    with pytest.raises(ValueError, match=r"missing: coordinator, num_processes, process_id"):
+        distributed.initialize()
+    with pytest.raises(ValueError, match=r"'host:port'"):
+        distributed.initialize("localhost", 2, 0)
+    with pytest.raises(ValueError, match=r"`process_id` must lie in 0..1 for 2 processes, got 2"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(SystemExit, match=r"--devices must be a positive integer or 'all'"):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--devices", "two"])
+
+
+def test_a_missing_coordinator_is_an_error_not_a_hang():
+    """Process 1 of 2 with nobody listening: a clear error within the timeout."""
+    began = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "elbojax.cli", "train", "--run-dir", "/nonexistent/never", "--coordinator", f"127.0.0.1:{_free_port()}",
+         "--num-processes", "2", "--process-id", "1", "--distributed-timeout", "5"],
+        capture_output=True, text=True, timeout=120, env=ENV,
+    )
+    assert result.returncode != 0
+    assert "found no coordinator at 127.0.0.1" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - began < 90
