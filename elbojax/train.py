@@ -11,10 +11,11 @@ optimizer updates the parameters.
 `global_index` is the example's index in the training set. A resumed run, or the same batch cut
 across several devices, therefore draws exactly the same samples.
 
-**Non-finite steps are skipped, never applied.** If the loss or any gradient is NaN or infinite,
-the parameters and the optimizer state are left as they were, and the skip is counted
-(`TrainState.num_skipped`, `TrainState.skipped_in_a_row`); the host loop stops a run after too
-many in a row. A NaN never reaches the parameters.
+**Non-finite steps are skipped, never applied.** If the loss or any gradient is NaN or infinite
+(checked through the gradient's global norm, which also catches a norm that overflows), the
+update is not computed (`lax.cond`): the parameters and the optimizer state stay as they were,
+and the skip is counted (`TrainState.num_skipped`, `TrainState.skipped_in_a_row`); the host loop
+stops a run after too many in a row. A NaN never reaches the parameters.
 
 `make_multi_step` runs several steps in one call with `lax.scan` (the per-call overhead
 dominates small steps such as the one-sample ELBO).
@@ -263,11 +264,6 @@ def init(model: nnx.Module, optimizer: optax.GradientTransformation):
     return graphdef, TrainState(zero, params, optimizer.init(params), zero, zero)
 
 
-def _all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: Objective, *, seed: int):
     """Build the pure step `(state, batch, indices) -> (state, info)` (not jitted: jit or scan it).
 
@@ -297,20 +293,23 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
             )
         step_key = jax.random.fold_in(base_key, state.step)
         (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(state.params, step_key, batch, indices, state.step)
-        finite = jnp.isfinite(value) & _all_finite(grads)
-        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-        updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        skipped = (~finite).astype(jnp.int32)
+        grad_norm = optax.tree.norm(grads)
+        # A NaN or infinite gradient entry makes the norm non-finite: one reduction checks them all.
+        finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+
+        def update(_):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
-            num_skipped=state.num_skipped + skipped,
+            params=params,
+            opt_state=opt_state,
+            num_skipped=state.num_skipped + (~finite).astype(jnp.int32),
             skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
         )
-        return new_state, StepInfo(terms.objective, terms.kl, terms.kl_weight, optax.tree.norm(grads), finite)
+        return new_state, StepInfo(terms.objective, terms.kl, terms.kl_weight, grad_norm, finite)
 
     return step
 

@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (in their quick mode) and write what they promise."""
 
+import json
 import os
 import subprocess
 import sys
@@ -51,3 +52,24 @@ def test_gradient_speed_runs(tmp_path):
     stdout = _run("gradient_speed.py", tmp_path)
     assert "hand-written" in stdout and "dreg" in stdout
     assert (tmp_path / "gradient_speed.json").exists()
+
+
+@pytest.mark.slow
+def test_training_speed_runs(tmp_path):
+    stdout = _run("training_speed.py", tmp_path)
+    assert "hand-written JAX" in stdout and "lax.scan" in stdout and "goal:" in stdout
+    assert "same draws" in stdout  # elbojax's bound and gradient equal the hand-written ones on its own draws
+    record = json.loads((tmp_path / "training_speed.json").read_text())
+    assert set(record["results"]) == {"W1", "W2", "W3"} and set(record["results"]["W2"]) == {"call", "scan"}
+    assert (tmp_path / "training_speed.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_peer_speed_runs(tmp_path):
+    stdout = _run("peer_speed.py", tmp_path)
+    assert "hand-written JAX" in stdout and "goal:" in stdout
+    record = json.loads((tmp_path / "peer_speed.json").read_text())
+    for workload in ("W1", "W2", "W3"):
+        rows = record["results"][workload]["call"]
+        assert rows["hand-written JAX"]["ratio"] == 1.0 and "elbojax" in rows
+    assert (tmp_path / "peer_speed.png").stat().st_size > 10_000
