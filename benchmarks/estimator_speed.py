@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ import distrax
 import jax
 import jax.numpy as jnp
 
+import _report
 import elbojax as ej
 from elbojax import exact
 
@@ -151,6 +153,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     quick = args.quick or os.environ.get("ELBOJAX_QUICK") == "1"
+    _report.capture(args.out, "estimator_speed", "python benchmarks/estimator_speed.py " + " ".join(sys.argv[1:]), quick=quick)
     args.out.mkdir(parents=True, exist_ok=True)
 
     if quick:

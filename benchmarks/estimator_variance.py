@@ -105,6 +105,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 from tqdm.auto import tqdm
 
+import _report
 import elbojax
 from elbojax import exact
 
@@ -611,6 +612,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    _report.capture(args.out, "estimator_variance", "python benchmarks/estimator_variance.py" + (" --quick" if args.quick else ""), quick=args.quick)
     # Before any array is created, so that every model and sample has the chosen precision.
     jax.config.update("jax_enable_x64", args.x64)
     dtype = jnp.float64 if args.x64 else jnp.float32

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import distrax
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _report
 import elbojax as ej
 from elbojax import diagnostics, discrete, exact
 
@@ -136,6 +138,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     quick = args.quick or os.environ.get("ELBOJAX_QUICK") == "1"
+    _report.capture(args.out, "gradient_snr", "python benchmarks/gradient_snr.py " + " ".join(sys.argv[1:]), quick=quick)
     ks = [1, 10, 100] if quick else [1, 3, 10, 30, 100, 300, 1000]
     num_points, num_draws = (4, 100) if quick else (16, 1000)
     args.out.mkdir(parents=True, exist_ok=True)

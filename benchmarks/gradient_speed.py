@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import _report
 import elbojax as ej
 
 
@@ -123,6 +125,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     quick = args.quick or os.environ.get("ELBOJAX_QUICK") == "1"
+    _report.capture(args.out, "gradient_speed", "python benchmarks/gradient_speed.py " + " ".join(sys.argv[1:]), quick=quick)
     data_dim, hidden, latent, batch_size, k = (784, 200, 50, 100, 50) if not quick else (32, 16, 4, 8, 5)
     rounds, repeats = (args.rounds, 10) if not quick else (2, 2)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -49,6 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import _report
 from elbojax import data, models, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +101,7 @@ def train_and_evaluate(row: Row, images, test, settings, out: Path, progress: bo
     if result_path.exists():
         cached = json.loads(result_path.read_text())
         if cached["steps"] == steps and cached["eval_points"] == test.shape[0] and cached["eval_samples"] == settings.eval_samples:
+            print(f"  cached: {result_path}")
             return cached
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer = optax.adam(1e-3, eps=1e-4)
@@ -237,6 +240,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     args.quick = args.quick or os.environ.get("ELBOJAX_QUICK") == "1"
+    _report.capture(args.out, "iwae_mnist", "python benchmarks/iwae_mnist.py " + " ".join(sys.argv[1:]), quick=args.quick)
     if args.epochs < 1 or args.eval_points < 2:
         parser.error("--epochs must be >= 1 and --eval-points >= 2")
 

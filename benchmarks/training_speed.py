@@ -55,6 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _report
 import _workloads as w  # noqa: E402
 
 ELBOJAX, DEFAULT_KL, FLOOR = "elbojax", "elbojax, kl=auto (closed-form KL)", "hand-written JAX"
@@ -69,6 +70,7 @@ def main():
     parser.add_argument("--steps-per-call", type=int, default=None, help="steps per lax.scan call (default 50)")
     args = parser.parse_args()
     quick = w.is_quick(args.quick)
+    _report.capture(args.out, "training_speed", "python benchmarks/training_speed.py " + " ".join(sys.argv[1:]), quick=quick)
     sizes = w.QUICK if quick else w.FULL
     if args.steps_per_call:
         sizes = sizes._replace(steps_per_call=args.steps_per_call)

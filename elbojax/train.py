@@ -444,7 +444,7 @@ def fit(
     from pathlib import Path
 
     import orbax.checkpoint as ocp
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text bars (tqdm.auto wants ipywidgets in notebooks)
 
     from elbojax import data
 

@@ -21,6 +21,9 @@ def _run(script, out_dir):
         env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    report = (Path(out_dir) / script.replace(".py", ".md")).read_text()
+    assert "(quick mode" in report.splitlines()[0] and "jax " in report.splitlines()[0]
+    assert result.stdout.strip().splitlines()[-1] in report  # what it printed, copied
     return result.stdout
 
 
@@ -73,3 +76,28 @@ def test_peer_speed_runs(tmp_path):
         rows = record["results"][workload]["call"]
         assert rows["hand-written JAX"]["ratio"] == 1.0 and "elbojax" in rows
     assert (tmp_path / "peer_speed.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_iwae_mnist_runs_and_resumes(tmp_path):
+    stdout = _run("iwae_mnist.py", tmp_path)
+    assert "IWAE" in stdout and "paper" in stdout and "above VAE" in stdout
+    record = json.loads((tmp_path / "iwae_mnist.json").read_text())
+    assert {r["row"] for r in record["results"]} == {"VAE", "IWAE", "IWAE-DReG"}
+    assert (tmp_path / "iwae_mnist.png").stat().st_size > 10_000
+    again = _run("iwae_mnist.py", tmp_path)  # every row is cached in its run folder: nothing retrains
+    assert again.count("cached:") == 3 and record["results"][0]["log_likelihood"] == json.loads(
+        (tmp_path / "iwae_mnist.json").read_text())["results"][0]["log_likelihood"]
+
+
+def test_report_copies_full_size_reports_only(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "peer_speed.md").write_text("`python benchmarks/peer_speed.py`, 2026-11-22\n\n```text\nW2 1.00\n```\n")
+    (results / "gradient_snr.md").write_text("`python benchmarks/gradient_snr.py --quick` (quick mode: tiny sizes, not a measurement), x\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# B\n\n<!-- results:start -->\nold\n<!-- results:end -->\ntail\n")
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "report.py"), "--results", str(results), "--readme", str(readme)], check=True, capture_output=True)
+    text = readme.read_text()
+    assert "### Against the peers" in text and "W2 1.00" in text and "old" not in text and text.endswith("tail\n")
+    assert "gradient_snr" not in text
