@@ -47,45 +47,48 @@ def _params(run_dir: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One device; four devices; four then resumed on one; two processes of one device each."""
+    """One device; four devices then resumed on one; two processes of one device each, stopped and resumed."""
     root = tmp_path_factory.mktemp("distributed")
-    port = _free_port()
-    two = [
-        subprocess.Popen(
-            [sys.executable, "-m", "elbojax.cli", "train", "--run-dir", str(root / "two_processes"), *TINY,
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--distributed-timeout", "120"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=400) for p in two]
-    for p, (out, err) in zip(two, outputs):
-        assert p.returncode == 0, out[-2000:] + err[-4000:]
+    short = [a if a != "20" or i != 1 else "10" for i, a in enumerate(TINY)]
+
+    def two_processes(*flags):
+        port = _free_port()
+        two = [
+            subprocess.Popen(
+                [sys.executable, "-m", "elbojax.cli", "train", "--run-dir", str(root / "two_processes"), *flags,
+                 "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i), "--distributed-timeout", "120"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+            )
+            for i in range(2)
+        ]
+        outputs = [p.communicate(timeout=400) for p in two]
+        for p, (out, err) in zip(two, outputs):
+            assert p.returncode == 0, out[-2000:] + err[-4000:]
+        return outputs
+
+    two_processes(*short)  # to step 10, checkpointed by both processes
+    outputs = two_processes("--resume", *TINY)  # both restore it and go on to step 20
     _python(f"""
         from elbojax import cli
         root = {str(root)!r}
         tiny = {TINY!r}
-        cli.main(["train", "--run-dir", root + "/four", "--devices", "4", *tiny])
         cli.main(["train", "--run-dir", root + "/one", "--devices", "1", *tiny])
-        short = [a if a != "20" or i != 1 else "10" for i, a in enumerate(tiny)]
+        short = {short!r}
         cli.main(["train", "--run-dir", root + "/four_then_one", "--devices", "4", *short])
         cli.main(["train", "--run-dir", root + "/four_then_one", "--devices", "1", "--resume", *tiny])
     """)
     return root, outputs
 
 
-def test_four_devices_train_like_one(runs):
-    root, _ = runs
-    np.testing.assert_allclose(_params(root / "four"), _params(root / "one"), rtol=1e-4, atol=1e-5)
-    (environment,) = json.loads((root / "four" / "environment.json").read_text())
-    assert environment["command"][environment["command"].index("--devices") + 1] == "4"
-    steps = [json.loads(line)["step"] for line in (root / "four" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [10, 20]
-
-
-def test_a_run_resumed_on_another_device_count_continues(runs):
+def test_four_devices_then_one_train_like_one(runs):
+    """Steps 1-10 on 4 devices, then resumed from their checkpoint on 1: the parameters of 1 device throughout."""
     root, _ = runs
     np.testing.assert_allclose(_params(root / "four_then_one"), _params(root / "one"), rtol=1e-4, atol=1e-5)
+    starts = json.loads((root / "four_then_one" / "environment.json").read_text())
+    devices = [start["command"][start["command"].index("--devices") + 1] for start in starts]
+    assert devices == ["4", "1"]
+    steps = [json.loads(line)["step"] for line in (root / "four_then_one" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20]
 
 
 def test_two_processes_train_like_one(runs):
@@ -96,7 +99,9 @@ def test_two_processes_train_like_one(runs):
     evaluation = json.loads((root / "two_processes" / "evaluation.json").read_text())
     reference = json.loads((root / "one" / "evaluation.json").read_text())
     np.testing.assert_allclose(evaluation["log_likelihood_per_point"], reference["log_likelihood_per_point"], rtol=1e-4)
-    assert len(json.loads((root / "two_processes" / "environment.json").read_text())) == 1
+    assert len(json.loads((root / "two_processes" / "environment.json").read_text())) == 2  # start and resume
+    steps = [json.loads(line)["step"] for line in (root / "two_processes" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20]
 
 
 def test_sharded_evaluation_equals_one_device():
