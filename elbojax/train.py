@@ -17,8 +17,11 @@ update is not computed (`lax.cond`): the parameters and the optimizer state stay
 and the skip is counted (`TrainState.num_skipped`, `TrainState.skipped_in_a_row`); the host loop
 stops a run after too many in a row. A NaN never reaches the parameters.
 
-`make_multi_step` runs several steps in one call with `lax.scan` (the per-call overhead
-dominates small steps such as the one-sample ELBO).
+`objective(...)` builds the batch objective: the ELBO (closed-form or sampled KL) or the IWAE
+bound, with any gradient estimator, KL annealing, $\beta$ and free bits. `make_multi_step` runs
+several steps in one call with `lax.scan` (the per-call overhead dominates small steps such as
+the one-sample ELBO). `fit` is the host loop (batches, checkpoints, metrics, resumption) and
+`evaluate` the test-set evaluation, both on one device or over a mesh (`elbojax.distributed`).
 """
 
 from __future__ import annotations
