@@ -396,7 +396,7 @@ def _print_evaluation(result) -> None:
         ("bits per dimension", f"{result.bits_per_dim:.4f}"),
         ("ELBO", f"{result.elbo:.2f} nats"),
         ("KL(q || prior)", f"{result.kl:.2f} nats"),
-        ("active units", f"{result.active_units} of {result.latent_dim}"),
+        ("active units", f"{result.active_units} of {result.latent_dim}" if result.active_units >= 0 else "n/a (no closed-form E_q[z])"),
         ("test points", f"{result.num_points}"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -588,6 +588,15 @@ class Evaluation(NamedTuple):
     log_likelihood_per_point: Any = None
 
 
+def _proposal_mean(q):
+    """E_q[z] where it has a closed form (for a hierarchical proposal, of its first layer q(z1 | x)); else NaN."""
+    first = getattr(q, "first", q)
+    try:
+        return first.mean()
+    except (AttributeError, NotImplementedError):  # no mean, or none in closed form (a flow)
+        return jnp.full((1,), jnp.nan)
+
+
 def evaluate(
     graphdef,
     params,
@@ -635,8 +644,7 @@ def evaluate(
                 expectation(jax.random.fold_in(key, 2), x, lambda x, z: q.log_prob(z) - model.log_prior(z), q, num_samples=elbo_samples)
                 if callable(getattr(model, "log_prior", None)) else jnp.nan
             )
-        first = getattr(q, "first", q)  # a hierarchical proposal: its first layer, q(z1 | x)
-        loc = first.mean() if callable(getattr(first, "mean", None)) else jnp.full((1,), jnp.nan)
+        loc = _proposal_mean(q)
         return log_px, bound, kl, per_dim, loc
 
     def shard(params, indices, xs):  # one device's points, one at a time
