@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--eval-samples", type=int, default=5000)
     evaluate.add_argument("--eval-points", type=int, default=0, help="test points (default 0: all)")
+    evaluate.add_argument("--gaps", action="store_true", help="also the approximation and amortization gaps (Cremer et al. 2018): a table, gaps.png and gaps.json")
+    evaluate.add_argument("--gap-points", type=int, default=50, help="test points for the gaps (default 50)")
+    evaluate.add_argument("--gap-steps", type=int, default=300, help="optimizer steps of each point's local fit (default 300)")
+    evaluate.add_argument("--gap-flow", action="store_true", help="also fit a coupling flow per point: how much a richer q shrinks the approximation gap")
     _add_device_flags(evaluate.add_argument_group("devices"))
     return parser
 
@@ -492,7 +496,33 @@ def _evaluate(args) -> int:
     mesh = _start_devices(args)
     graphdef, params = nnx.split(_restore(args.run_dir, config, dataset, mesh), nnx.Param)
     _evaluate_and_report(args.run_dir, graphdef, params, dataset, config, args.eval_samples, args.eval_points, mesh)
+    if args.gaps:
+        _report_gaps(args, nnx.merge(graphdef, params), _test_data(dataset.test.images, config), config)
     return 0
+
+
+def _report_gaps(args, model, test, config: dict) -> None:
+    """The inference gaps of the run's model on the first --gap-points test points."""
+    import jax
+
+    from elbojax import distributed, flows, gaps
+
+    if args.gap_points < 1 or args.gap_steps < 1:
+        raise SystemExit("elbojax: --gap-points and --gap-steps must be >= 1")
+    if config.get("model", "vae") != "vae":
+        raise SystemExit("elbojax: --gaps needs a one-layer VAE (a diagonal Gaussian encoder); this run is a two-layer model")
+    flow_family = flows.local_flow_family(model.latent_dim) if args.gap_flow else None
+    result = gaps.inference_gaps(
+        jax.random.key(config["seed"]), model, test[: args.gap_points], num_steps=args.gap_steps,
+        num_samples=args.eval_samples, flow_family=flow_family,
+    )
+    if not distributed.is_primary():
+        return
+    print()
+    print(gaps.format_table(result))
+    gaps.plot(result, args.run_dir / "gaps.png")
+    (args.run_dir / "gaps.json").write_text(json.dumps(gaps.to_dict(result), indent=2) + "\n")
+    print(f"wrote {args.run_dir / 'gaps.png'} and {args.run_dir / 'gaps.json'}")
 
 
 def main(argv=None) -> int:

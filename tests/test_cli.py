@@ -49,6 +49,15 @@ def test_evaluate_command(run, capsys):
     assert "test log-likelihood (K=50)" in capsys.readouterr().out
 
 
+def test_evaluate_reports_the_inference_gaps(run, capsys):
+    assert cli.main(["evaluate", str(run), "--eval-points", "5", "--eval-samples", "50", "--gaps", "--gap-points", "4", "--gap-steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "amortization" in out.lower() and (run / "gaps.png").stat().st_size > 5_000
+    record = json.loads((run / "gaps.json").read_text())["gaps"]
+    assert {"approximation_gap", "amortization_gap"} <= set(record)
+    assert record["amortization_gap"]["mean"] > -3 * record["amortization_gap"]["se"]
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
