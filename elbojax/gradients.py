@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import math
 
+import distrax
 import jax
 import jax.numpy as jnp
 
@@ -135,8 +136,18 @@ def is_reparameterizable(proposal, sample) -> bool:
 
 
 def _declared_reparameterized(proposal) -> bool:
-    """What the proposal's `reparameterization_type` says (every node of a joint's dict or list)."""
+    """What the proposal says of its samples' pathwise gradient.
+
+    A TFP distribution says it with `reparameterization_type` (every node of a joint's dict or
+    list). distrax says nothing, and its `MixtureSameFamily` draws the component discretely: the
+    samples carry no gradient to the mixture weights, so a pathwise gradient would be silently
+    wrong. It counts as not reparameterizable, also inside `Transformed` and `Independent`.
+    """
     inner = proposal.distribution if isinstance(proposal, TFPProposal) else proposal
+    while isinstance(inner, (distrax.Transformed, distrax.Independent)):
+        inner = inner.distribution
+    if isinstance(inner, distrax.MixtureSameFamily):
+        return False
     kind = getattr(inner, "reparameterization_type", None)
     if kind is None:
         return True

@@ -216,6 +216,26 @@ def test_pathwise_gradient_of_a_discrete_proposal_is_an_error(mixture):
     assert np.all(np.isfinite(grad_means))
 
 
+def test_a_mixture_proposal_refuses_a_pathwise_gradient():
+    """distrax's MixtureSameFamily draws its component discretely: no pathwise gradient reaches the
+    mixture weights, so differentiating the proposal must be an error, not a silent zero."""
+    model = exact.LinearGaussian.random(jax.random.key(0), data_dim=3, latent_dim=1)
+    x = jnp.ones(3)
+
+    def value(logits, gradient="reparam"):
+        q = distrax.Independent(distrax.MixtureSameFamily(
+            distrax.Categorical(logits=logits), distrax.Normal(jnp.array([-1.0, 1.0]), jnp.ones(2))), 0)
+        mixture = distrax.MixtureSameFamily(distrax.Categorical(logits=logits), distrax.MultivariateNormalDiag(jnp.array([[-1.0], [1.0]]), jnp.ones((2, 1))))
+        return ej.elbo(jax.random.key(1), x, model.log_joint, mixture, num_samples=4, gradient=gradient), q
+
+    assert np.isfinite(value(jnp.zeros(2))[0])
+    with pytest.raises(ValueError, match=r"needs a reparameterizable proposal, but MixtureSameFamily cannot"):
+        jax.grad(lambda lg: value(lg)[0])(jnp.zeros(2))
+    score = jax.grad(lambda lg: value(lg, "score")[0])(jnp.zeros(2))  # the score function is fine
+    assert np.all(np.isfinite(score))
+    assert not ej.gradients.is_reparameterizable(value(jnp.zeros(2))[1], jnp.zeros(()))  # also when wrapped
+
+
 def test_gradient_argument_errors(mixture):
     model, x, logits = mixture
     q = distrax.Categorical(logits=logits)
