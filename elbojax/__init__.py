@@ -4,6 +4,8 @@ Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`
 """
 
 from elbojax import data, diagnostics, discrete, distributed, exact, gradients, interop, models
+from elbojax import missing, snis
+from elbojax import flows, gaps, local
 from elbojax.bounds import (
     combination_iwae_bound,
     multi_iwae_bound,
@@ -63,14 +65,18 @@ __all__ = [
     "enumerated_mixed_elbo",
     "exact",
     "FiniteUniform",
+    "flows",
+    "gaps",
     "gradient_snr",
     "gradients",
     "importance_log_marginal",
     "interop",
     "iwae_bound",
     "kl_per_dimension",
+    "local",
     "log_weights",
     "logmeanexp",
+    "missing",
     "models",
     "multi_iwae_bound",
     "naive_mc_log_marginal",
@@ -80,6 +86,7 @@ __all__ = [
     "RelaxedBernoulli",
     "RelaxedOneHotCategorical",
     "renyi_bound",
+    "snis",
     "straight_through",
     "straight_through_bernoulli",
     "TFPProposal",

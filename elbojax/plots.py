@@ -1,6 +1,7 @@
 """The pictures a person wants after training: curves, reconstructions, samples, the latent space.
 
-Each function writes one PNG with matplotlib's Agg backend and returns its path. The model is any
+Each function writes one PNG (a bare matplotlib `Figure`, so pyplot's state and a notebook's
+inline backend are left alone) and returns its path. The model is any
 `elbojax.models.VAE`-like module with `proposal(x)`, `reconstruct(key, x)` and
 `sample_prior(key, n)` for 28 x 28 images.
 """
@@ -15,19 +16,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class _Figures:
+    """`subplots` on a bare `matplotlib.figure.Figure`: no pyplot state, no backend switch (a
+    notebook's inline plotting keeps working), nothing to close."""
+
+    @staticmethod
+    def subplots(*args, figsize=None, **kwargs):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(*args, **kwargs)
+
+
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Figures
 
 
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
     return path
 
 
@@ -99,10 +106,15 @@ def _proposal_mean(proposal):
     return (first if first is not None else proposal).mean()
 
 
-def latent_space(run_dir: Path, model, test, labels) -> Path:
-    """E_q[z] of the test points: the two coordinates if the latent is 2-D, else a PCA projection."""
+def latent_space(run_dir: Path, model, test, labels) -> Path | None:
+    """E_q[z] of the test points: the two coordinates if the latent is 2-D, else a PCA projection.
+
+    None (no plot) for a proposal without a closed-form mean, such as a flow."""
     plt = _pyplot()
-    means = np.asarray(jax.vmap(lambda x: _proposal_mean(model.proposal(x)))(jnp.asarray(test)))
+    try:
+        means = np.asarray(jax.vmap(lambda x: _proposal_mean(model.proposal(x)))(jnp.asarray(test)))
+    except NotImplementedError:  # e.g. a flow proposal: distrax has no closed-form mean
+        return None
     if means.shape[1] == 2:
         points, axes = means, ("z1", "z2")
     else:
@@ -126,9 +138,125 @@ def write_run_plots(run_dir, graphdef, params, test, labels, *, seed: int = 0) -
 
     run_dir = Path(run_dir)
     model = nnx.merge(graphdef, params)
-    return [
+    written = [
         training_curve(run_dir),
         reconstructions(run_dir, model, test, seed=seed),
         samples(run_dir, model, seed=seed),
         latent_space(run_dir, model, test, labels),
     ]
+    return [path for path in written if path is not None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Partly observed digits and class-conditional samples (elbojax.missing, elbojax.models.conditional).
+# These build a `matplotlib.figure.Figure` without pyplot (so a notebook's backend is left alone):
+# with `path` they write a PNG and return its path, without it they return the figure.
+# ------------------------------------------------------------------------------------------------
+
+_MISSING_TINT = np.array([0.55, 0.75, 1.0])  # the colour of a hidden pixel
+
+
+def _figure_out(fig, path):
+    fig.tight_layout()
+    if path is None:
+        return fig
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _rgb(image, mask, tint: float):
+    """A grey-level image `(h, w)` in [0, 1] (1 = ink) as RGB, the pixels where `mask` is False tinted."""
+    grey = np.repeat((1.0 - np.clip(image, 0.0, 1.0))[..., None], 3, axis=-1)
+    tinted = (1.0 - tint) * grey + tint * _MISSING_TINT
+    return np.where(mask[..., None], grey, tinted)
+
+
+def completions(truth, mask, completed, *, effective_sample_size=None, path=None, title=None, image_shape=(28, 28)):
+    """Partly hidden images completed by a model, several completions each, next to the truth.
+
+    One row per image: the truth, what the model saw (hidden pixels in blue), then the
+    completions, whose imputed pixels are tinted light blue. With `effective_sample_size`, each
+    row is labelled with its importance sampler's ESS (`elbojax.missing.impute`).
+
+    Args:
+      truth: `(n, D)` the complete images, values in [0, 1].
+      mask: `(n, D)` or `(D,)` bool, `True` = observed.
+      completed: `(n, M, D)` the completions (e.g. `Imputation.means` or `.samples`).
+      effective_sample_size: optional `(n,)`.
+      path: where to write the PNG; `None` returns the `matplotlib.figure.Figure`.
+      title: the figure's title.
+      image_shape: `(height, width)` of one image.
+
+    Returns:
+      `path`, or the figure.
+    """
+    from matplotlib.figure import Figure
+
+    truth = np.asarray(truth, np.float64)
+    completed = np.asarray(completed, np.float64)
+    if truth.ndim != 2 or completed.ndim != 3 or completed.shape[0] != truth.shape[0] or completed.shape[2] != truth.shape[1]:
+        raise ValueError(f"`truth` must be (n, D) and `completed` (n, M, D); got {truth.shape} and {completed.shape}.")
+    num, num_completions = completed.shape[:2]
+    mask = np.broadcast_to(np.asarray(mask, bool), truth.shape)
+    shape = tuple(image_shape)
+    columns = 2 + num_completions
+    fig = Figure(figsize=(0.9 * columns + 0.6, 0.95 * num + 0.5))
+    axes = fig.subplots(num, columns, squeeze=False)
+    for row in range(num):
+        hidden = mask[row].reshape(shape)
+        panels = [_rgb(truth[row].reshape(shape), np.ones(shape, bool), 0.0), _rgb(truth[row].reshape(shape) * hidden, hidden, 1.0)]
+        panels += [_rgb(completed[row, m].reshape(shape), hidden, 0.25) for m in range(num_completions)]
+        for col, panel in enumerate(panels):
+            ax = axes[row, col]
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color("0.8")
+        if effective_sample_size is not None:
+            axes[row, 0].set_ylabel(f"ESS {float(np.asarray(effective_sample_size)[row]):.1f}", fontsize=7)
+    for col, name in enumerate(["truth", "observed"] + [f"completion {m + 1}" for m in range(num_completions)]):
+        axes[0, col].set_title(name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _figure_out(fig, path)
+
+
+def class_conditional_samples(images, *, class_names=None, path=None, title=None, image_shape=(28, 28)):
+    """Samples of a class-conditional model as a grid: one row per class.
+
+    Args:
+      images: `(C, M, D)`, `M` samples (e.g. $\\mathbb{E}[x \\mid z, y]$) of each of `C` classes,
+        values in [0, 1] (1 = ink).
+      class_names: optional `C` row labels (default: 0 .. C-1).
+      path: where to write the PNG; `None` returns the `matplotlib.figure.Figure`.
+      title: the figure's title.
+      image_shape: `(height, width)` of one image.
+
+    Returns:
+      `path`, or the figure.
+    """
+    from matplotlib.figure import Figure
+
+    images = np.asarray(images, np.float64)
+    if images.ndim != 3:
+        raise ValueError(f"`images` must have shape (C, M, D), got {images.shape}.")
+    num_classes, num_samples, _ = images.shape
+    height, width = image_shape
+    canvas = images.reshape(num_classes, num_samples, height, width).transpose(0, 2, 1, 3).reshape(num_classes * height, num_samples * width)
+    names = [str(c) for c in range(num_classes)] if class_names is None else [str(n) for n in class_names]
+    if len(names) != num_classes:
+        raise ValueError(f"`class_names` must name the {num_classes} classes, got {len(names)}.")
+    fig = Figure(figsize=(0.55 * num_samples + 0.8, 0.55 * num_classes + 0.5))
+    ax = fig.subplots()
+    ax.imshow(canvas, cmap="gray_r", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_yticks((np.arange(num_classes) + 0.5) * height, names)
+    ax.set_xticks([])
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _figure_out(fig, path)

@@ -5,6 +5,8 @@ distrax distributions (or likelihood parameters) for ONE data point; `VAE` and `
 them together. The likelihood functions are exported for users who write their own `log_joint`.
 """
 
+from elbojax.models import conditional
+from elbojax.models.conditional import ConditionalVAE, MLPClassifier, SemiSupervisedVAE
 from elbojax.models.decoders import BernoulliMLPDecoder, GaussianMLPDecoder
 from elbojax.models.encoders import GaussianMLPEncoder
 from elbojax.models.hierarchical import HierarchicalProposal, TwoLayerVAE
@@ -20,11 +22,15 @@ __all__ = [
     "BernoulliMLPDecoder",
     "bernoulli_log_likelihood",
     "bias_from_data_mean",
+    "conditional",
+    "ConditionalVAE",
     "GaussianMLPDecoder",
     "GaussianMLPEncoder",
     "gaussian_log_likelihood",
     "HierarchicalProposal",
     "MixturePrior",
+    "MLPClassifier",
+    "SemiSupervisedVAE",
     "StandardNormalPrior",
     "TwoLayerVAE",
     "VAE",

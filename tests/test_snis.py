@@ -1,0 +1,148 @@
+"""Self-normalised importance sampling: weights, expectations against exact posteriors, resampling."""
+
+import distrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import elbojax as ej
+from elbojax import exact, snis
+from helpers import assert_within_se, keys
+
+SE_LIMIT = 4.0  # Monte Carlo claims: within 4 standard errors, fixed keys
+
+
+@jax.jit
+def _model_and_point(seed):
+    """A float64 linear Gaussian (D = 5, d = 2) and one point drawn from it, in one compiled call."""
+    model = exact.LinearGaussian.random(jax.random.key(seed), data_dim=5, latent_dim=2, dtype=jnp.float64)
+    return model, model.sample(jax.random.key(seed + 1), 1)[0][0]
+
+
+def test_normalized_weights_are_stable_and_handle_zero_weights(x64):
+    probabilities = np.array([0.1, 0.2, 0.3, 0.4, 0.0])
+    with np.errstate(divide="ignore"):
+        log_weights = jnp.asarray(np.log(probabilities) + 1e4)  # far outside exp's range
+    weights = jax.jit(snis.normalized_weights)(log_weights)
+    np.testing.assert_allclose(weights, probabilities, rtol=1e-11, atol=0)
+    assert weights[-1] == 0.0
+    all_zero = snis.normalized_weights(jnp.full(3, -jnp.inf))
+    np.testing.assert_array_equal(all_zero, 0.0)
+    assert np.all(np.isnan(snis.normalized_weights(jnp.array([0.0, jnp.nan, 1.0]))))
+
+
+def test_posterior_expectation_small_example_and_zero_weight_values_are_not_used():
+    estimate = jax.jit(snis.posterior_expectation)(jnp.array([[1.0], [3.0]]), jnp.log(jnp.array([1.0, 3.0])))
+    np.testing.assert_allclose(estimate.mean, [2.5], rtol=1e-6)
+    np.testing.assert_allclose(estimate.effective_sample_size, 1.6, rtol=1e-6)
+    # sqrt(0.25^2 (1 - 2.5)^2 + 0.75^2 (3 - 2.5)^2)
+    np.testing.assert_allclose(estimate.standard_error, [np.sqrt(0.0625 * 2.25 + 0.5625 * 0.25)], rtol=1e-6)
+    with_infinite = jax.jit(snis.posterior_expectation)(jnp.array([1.0, jnp.inf, 3.0]), jnp.array([0.0, -jnp.inf, jnp.log(3.0)]))
+    np.testing.assert_allclose(with_infinite.mean, 2.5, rtol=1e-6)
+    assert np.isfinite(with_infinite.standard_error)
+
+
+def test_importance_samples_are_the_draws_of_log_weights(x64):
+    model, x = _model_and_point(0)
+
+    @jax.jit
+    def run(key):
+        q = distrax.MultivariateNormalDiag(model.posterior_mean(x) + 0.2, jnp.full(2, 0.9))
+        z, log_weights = snis.importance_samples(key, x, model.log_joint, q, num_samples=37, chunk_size=10)
+        reference = ej.log_weights(key, x, model.log_joint, q, num_samples=37)
+        return z, log_weights, reference, jax.vmap(model.log_joint, (None, 0))(x, z) - q.log_prob(z)
+
+    z, log_weights, reference, by_hand = run(jax.random.key(2))
+    assert z.shape == (37, 2) and log_weights.shape == (37,)
+    # The same draws; the values agree up to float rounding (chunked and unchunked code differ).
+    np.testing.assert_allclose(log_weights, reference, rtol=1e-14)
+    np.testing.assert_allclose(log_weights, by_hand, rtol=1e-13)
+
+
+def test_posterior_expectations_match_the_exact_posterior_within_their_standard_errors(x64):
+    """f(z) = (z, z^2) under p(z | x) of a linear Gaussian, from a shifted, widened proposal.
+
+    K = 4000 per estimate; 200 independent estimates. Each one's deviation from the exact value,
+    divided by its own delta-method standard error, must be a z-score: mean within 4 SE of 0,
+    spread between 0.8 and 1.25 (the delta method's SE is itself an estimate).
+    """
+    model, x = _model_and_point(3)
+
+    @jax.jit
+    def run(key_array):
+        mean, cov = model.posterior_mean(x), model.posterior_covariance
+        sd = jnp.sqrt(jnp.diag(cov))
+        q = distrax.MultivariateNormalDiag(mean + 0.3 * sd, 1.3 * sd)
+
+        def estimate(key):
+            z, log_weights = snis.importance_samples(key, x, model.log_joint, q, num_samples=4000)
+            return snis.posterior_expectation(jnp.concatenate([z, z**2], axis=1), log_weights)
+
+        return jax.vmap(estimate)(key_array), jnp.concatenate([mean, mean**2 + jnp.diag(cov)])
+
+    estimates, exact_values = run(keys(5, 200))
+    z_scores = np.asarray((estimates.mean - exact_values) / estimates.standard_error)
+    assert_within_se(z_scores, np.zeros(4), "SNIS z-scores", limit=SE_LIMIT)
+    assert np.all((z_scores.std(0) > 0.8) & (z_scores.std(0) < 1.25)), z_scores.std(0)
+    one = jax.tree.map(lambda a: a[0], estimates)
+    assert np.all(np.abs(one.mean - exact_values) < SE_LIMIT * one.standard_error)
+    assert 1000 < float(one.effective_sample_size) < 4000
+
+
+def test_multinomial_resampling_frequencies_match_the_weights():
+    probabilities = np.array([0.1, 0.2, 0.3, 0.4, 0.0])
+    with np.errstate(divide="ignore"):
+        log_weights = jnp.asarray(np.log(probabilities) - 500.0)
+    num = 20_000
+    indices = jax.jit(lambda k: snis.resample(k, log_weights, num))(jax.random.key(0))
+    assert indices.shape == (num,) and indices.dtype == jnp.int32
+    frequencies = np.bincount(np.asarray(indices), minlength=5) / num
+    se = np.sqrt(probabilities * (1 - probabilities) / num)
+    assert np.all(np.abs(frequencies[:4] - probabilities[:4]) < SE_LIMIT * se[:4]), frequencies
+    assert frequencies[4] == 0.0
+
+
+def test_systematic_resampling_counts_are_floor_or_ceil_and_unbiased():
+    probabilities = np.array([0.05, 0.0, 0.33, 0.12, 0.5])
+    with np.errstate(divide="ignore"):
+        log_weights = jnp.asarray(np.log(probabilities))
+    num = 7
+    indices = jax.jit(jax.vmap(lambda k: snis.resample(k, log_weights, num, method="systematic")))(keys(1, 4000))
+    counts = np.stack([np.bincount(row, minlength=5) for row in np.asarray(indices)])
+    expected = num * probabilities
+    assert np.all((counts >= np.floor(expected)) & (counts <= np.ceil(expected)))
+    assert np.all(np.diff(np.asarray(indices), axis=1) >= 0)  # sorted
+    assert np.all(counts[:, 1] == 0)
+    assert_within_se(counts, expected, "systematic counts", limit=SE_LIMIT)
+
+
+def test_importance_resample_returns_the_chosen_proposals(x64):
+    model, x = _model_and_point(6)
+
+    @jax.jit
+    def run(key):
+        q = distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2))
+        result = snis.importance_resample(key, x, model.log_joint, q, num_samples=50, num_resampled=9)
+        return result, snis.importance_samples(jax.random.split(key)[0], x, model.log_joint, q, num_samples=50)
+
+    result, (z, log_weights) = run(jax.random.key(8))
+    np.testing.assert_allclose(result.log_weights, log_weights, rtol=1e-14)
+    np.testing.assert_array_equal(result.samples, z[result.indices])
+    np.testing.assert_allclose(result.effective_sample_size, ej.effective_sample_size(log_weights), rtol=1e-12)
+
+
+def test_argument_errors_at_trace_time():
+    log_weights = jnp.zeros(4)
+    with pytest.raises(ValueError, match=r"`log_weights` must have shape \(K,\) with K >= 1.*got shape \(2, 2\)"):
+        jax.jit(snis.normalized_weights)(jnp.zeros((2, 2)))
+    with pytest.raises(TypeError, match=r"`log_weights` must be a floating-point array, got dtype int32"):
+        snis.normalized_weights(jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match=r"`f_values` must have shape \(K, \.\.\.\) with K = 4.*got \(3, 2\)"):
+        jax.jit(snis.posterior_expectation)(jnp.zeros((3, 2)), log_weights)
+    with pytest.raises(ValueError, match=r"`method` must be one of 'multinomial', 'systematic'; got 'stratified'"):
+        snis.resample(jax.random.key(0), log_weights, 3, method="stratified")
+    with pytest.raises(ValueError, match=r"`num` must be an int >= 1, got 0"):
+        snis.resample(jax.random.key(0), log_weights, 0)
+    with pytest.raises(TypeError, match=r"`key` must be a JAX PRNG key"):
+        snis.resample(0, log_weights, 3)
