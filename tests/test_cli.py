@@ -49,6 +49,16 @@ def test_evaluate_command(run, capsys):
     assert "test log-likelihood (K=50)" in capsys.readouterr().out
 
 
+def test_impute_completes_hidden_halves(run, capsys):
+    assert cli.main(["impute", str(run), "--points", "3", "--imputations", "2", "-k", "50", "--hide", "top"]) == 0
+    out = capsys.readouterr().out
+    assert "effective sample size per digit" in out and (run / "completions_top.png").stat().st_size > 5_000
+    record = json.loads((run / "completions_top.json").read_text())
+    assert len(record["effective_sample_size"]) == 3 and all(1 <= e <= 50 + 1e-3 for e in record["effective_sample_size"])
+    with pytest.raises(SystemExit, match=r"--points must be >= 1"):
+        cli.main(["impute", str(run), "--points", "0"])
+
+
 def test_evaluate_reports_the_inference_gaps(run, capsys):
     assert cli.main(["evaluate", str(run), "--eval-points", "5", "--eval-samples", "50", "--gaps", "--gap-points", "4", "--gap-steps", "20"]) == 0
     out = capsys.readouterr().out
