@@ -376,7 +376,7 @@ def _check_config(config: FitConfig, num_examples: int) -> None:
         raise ValueError(f"`batch_size` ({config.batch_size}) exceeds the number of examples ({num_examples}).")
 
 
-def _batches_for(images, config: FitConfig, first_step: int, count: int, mesh):
+def _batches_for(images, config: FitConfig, first_step: int, count: int, mesh, observed=None):
     """The batches of steps first..first+count-1 as global arrays `(count, B, D)` and indices `(count, B)`.
 
     Split along the example axis over `mesh`; this process reads and binarizes only the rows
@@ -396,6 +396,8 @@ def _batches_for(images, config: FitConfig, first_step: int, count: int, mesh):
             batch = images[index[rows]].reshape(len(index[rows]), -1)
             if config.binarize == "dynamic":
                 batch = data.dynamic_binarize(batch, seed=config.seed, epoch=epoch, step=position, rows=rows, batch_size=config.batch_size)
+            if observed is not None:
+                batch = np.where(observed[index[rows]], batch, np.nan)
             out.append(batch)
         return np.asarray(np.stack(out), np.float32)[(slice(None), slice(None), *block[2:])]
 
@@ -416,6 +418,7 @@ def fit(
     config: FitConfig = FitConfig(),
     progress: bool = True,
     mesh=None,
+    observed=None,
 ) -> TrainState:
     """Train until `config.num_steps`, resuming from the latest checkpoint in `run_dir` if there is one.
 
@@ -438,6 +441,10 @@ def fit(
       mesh: a `jax.sharding.Mesh` with a `"data"` axis (`elbojax.distributed.data_mesh`): the
         state is replicated on its devices and each batch split over them; `config.batch_size`
         must be a multiple of the device count. Default: the first device.
+      observed: optional `bool (N, D)`, True where an entry was observed: the others reach the
+        objective as NaN (after binarization), which only an objective that accepts missing
+        entries may take (`elbojax.missing.objective`). Float `images` may also carry NaN at
+        their missing entries themselves, with such an objective.
 
     Returns:
       The final `TrainState` (replicated on the mesh).
@@ -453,8 +460,16 @@ def fit(
 
     images = np.asarray(images)
     _check_config(config, images.shape[0])
+    accepts_missing = getattr(objective_fn, "accepts_missing", False)
+    if observed is not None:
+        observed = np.asarray(observed)
+        if not accepts_missing:
+            raise ValueError("`observed` marks missing entries, which this objective cannot take; use elbojax.missing.objective(...).")
+        if observed.dtype != np.bool_ or observed.shape != (images.shape[0], int(np.prod(images.shape[1:]))):
+            raise ValueError(f"`observed` must be bool of shape {(images.shape[0], int(np.prod(images.shape[1:])))}, got {observed.dtype} {observed.shape}.")
     if config.binarize == "none":
-        data.check_for_likelihood(images, _likelihood_of(graphdef, state.params), "images")
+        present = images[~np.isnan(images)] if accepts_missing and images.dtype.kind == "f" else images
+        data.check_for_likelihood(present, _likelihood_of(graphdef, state.params), "images")
     elif images.dtype != np.uint8:
         raise TypeError(f"binarize='dynamic' needs uint8 grey levels, got dtype {images.dtype}; pass binarize='none' for data that are already binary.")
     mesh = distributed.data_mesh(1) if mesh is None else mesh
@@ -488,7 +503,7 @@ def fit(
         while int(state.step) < config.num_steps:
             first = int(state.step)
             count = min(config.steps_per_call, config.num_steps - first)
-            batches, indices = _batches_for(images, config, first, count, mesh)
+            batches, indices = _batches_for(images, config, first, count, mesh, observed)
             began = time.perf_counter()
             state, info = multi_step(state, batches, indices)
             info = distributed.to_host(info)

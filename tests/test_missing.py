@@ -358,3 +358,24 @@ def test_completions_picture(tmp_path):
     assert len(figure.axes) == 2 * (2 + 3)
     with pytest.raises(ValueError, match=r"`truth` must be \(n, D\) and `completed` \(n, M, D\)"):
         plots.completions(truth, mask, completed[0])
+
+
+def test_fit_trains_on_images_with_missing_entries(tmp_path):
+    """`fit(observed=...)`: dynamically binarized digits with missing pixels, through missing.objective."""
+    from elbojax import data
+
+    rngs = nnx.Rngs(0)
+    vae = models.VAE(models.GaussianMLPEncoder(784, 2, (16,), rngs=rngs), models.BernoulliMLPDecoder(2, 784, (16,), rngs=rngs),
+                     models.StandardNormalPrior(2))
+    images = data.load_embedded_mnist().train.images[:200].reshape(200, 784)
+    observed = np.random.default_rng(0).random((200, 784)) < 0.6
+    optimizer = optax.adam(1e-2)
+    graphdef, state = train.init(vae, optimizer)
+    config = train.FitConfig(batch_size=20, num_steps=20, steps_per_call=10, checkpoint_every=10)
+    state = train.fit(graphdef, state, optimizer, missing.objective("elbo"), images, run_dir=tmp_path / "r", config=config,
+                      progress=False, observed=observed)
+    assert int(state.step) == 20 and int(state.num_skipped) == 0
+    with pytest.raises(ValueError, match=r"this objective cannot take"):
+        train.fit(graphdef, state, optimizer, train.objective("elbo"), images, run_dir=tmp_path / "s", config=config, progress=False, observed=observed)
+    with pytest.raises(ValueError, match=r"`observed` must be bool of shape \(200, 784\)"):
+        train.fit(graphdef, state, optimizer, missing.objective("elbo"), images, run_dir=tmp_path / "t", config=config, progress=False, observed=observed[:5])
