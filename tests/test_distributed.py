@@ -72,9 +72,10 @@ def runs(tmp_path_factory):
         from elbojax import cli
         root = {str(root)!r}
         tiny = {TINY!r}
-        cli.main(["train", "--run-dir", root + "/one", "--devices", "1", *tiny])
         short = {short!r}
+        # --devices 4 first: the device count is fixed when JAX starts its backend.
         cli.main(["train", "--run-dir", root + "/four_then_one", "--devices", "4", *short])
+        cli.main(["train", "--run-dir", root + "/one", "--devices", "1", *tiny])
         cli.main(["train", "--run-dir", root + "/four_then_one", "--devices", "1", "--resume", *tiny])
     """)
     return root, outputs
