@@ -17,6 +17,7 @@ from pathlib import Path
 # What a resumed run must share with its checkpoint (the parameters' and optimizer state's structure).
 RESUME_FIXED_KEYS = ("data", "model", "latent_dim", "hidden", "prior", "prior_components", "decoder", "optimizer")
 DATA_CHOICES = ("embedded", "mnist", "fashion-mnist", "binarized-mnist")
+DEFAULT_STEPS = 3000
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential")
 
@@ -61,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     optimization.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule after the warm-up: constant, cosine decay to 0, or exponential decay to 0.1x")
     optimization.add_argument("--lr-warmup", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
     optimization.add_argument("--batch-size", type=int, default=100)
-    optimization.add_argument("--steps", type=int, default=3000)
+    optimization.add_argument("--steps", type=int, default=None, help="train until this step (default 3000; on --resume, the run's own unless given)")
     optimization.add_argument("--steps-per-call", type=int, default=50)
     optimization.add_argument("--checkpoint-every", type=int, default=500)
     _add_device_flags(train.add_argument_group("devices (see README: Scaling out)"))
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_device_flags(group) -> None:
-    group.add_argument("--devices", type=str, default="1", help="devices per process: a number, or 'all' (default 1); the batch is split over them")
+    group.add_argument("--devices", type=str, default=None, help="devices per process: a number, or 'all' (default: 1, or all of each process's devices in a multi-process run); the batch is split over them")
     group.add_argument("--coordinator", type=str, default=None, help="host:port of process 0, for a multi-process run (or $JAX_COORDINATOR_ADDRESS)")
     group.add_argument("--num-processes", type=int, default=None, help="processes in a multi-process run (or $JAX_NUM_PROCESSES)")
     group.add_argument("--process-id", type=int, default=None, help="this process, 0..num-processes-1 (or $JAX_PROCESS_ID)")
@@ -105,7 +106,7 @@ def _start_devices(args):
 
     from elbojax import distributed
 
-    if args.devices == "all":
+    if args.devices is None or args.devices == "all":
         per_process = None
     else:
         try:
@@ -125,10 +126,13 @@ def _start_devices(args):
     try:
         if multi_process:
             distributed.initialize(args.coordinator, args.num_processes, args.process_id, timeout=args.distributed_timeout)
-            if per_process is not None and len(jax.local_devices()) < per_process:
-                raise ValueError(f"--devices {per_process}, but this process has {len(jax.local_devices())} devices")
+            if per_process is not None and len(jax.local_devices()) != per_process:
+                raise ValueError(
+                    f"--devices {per_process}, but this process has {len(jax.local_devices())} devices; a multi-process "
+                    "run uses every device of every process (leave --devices out)"
+                )
             return distributed.data_mesh()
-        return distributed.data_mesh(per_process)
+        return distributed.data_mesh(1 if args.devices is None else per_process)
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f"elbojax: {error}") from None
 
@@ -160,16 +164,30 @@ def _parse(argv):
         action = actions[name]
         if name == "hidden" and isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        if action.type is not None and value is not None:
-            try:
-                value = action.type(value)
-            except (TypeError, ValueError):
-                raise SystemExit(f"elbojax: --config {args.config}: {name} must be a {action.type.__name__}, got {value!r}") from None
+        value = _setting(action, name, value, args.config)
         if action.choices is not None and value not in action.choices:
             raise SystemExit(f"elbojax: --config {args.config}: {name} must be one of {list(action.choices)}, got {value!r}")
         settings[name] = value
     train.set_defaults(**settings)
     return parser.parse_args(argv)
+
+
+def _setting(action: argparse.Action, name: str, value, source: Path):
+    """A --config value as the flag would parse it; JSON of the wrong kind is an error, never coerced."""
+    def wrong(kind: str):
+        raise SystemExit(f"elbojax: --config {source}: {name} must be {kind}, got {value!r}")
+
+    if value is None:
+        return None if action.default is None else wrong("set (it has no null value)")
+    if isinstance(action, argparse._StoreTrueAction):
+        return value if isinstance(value, bool) else wrong("true or false")
+    if action.type is int:
+        return int(value) if isinstance(value, int) and not isinstance(value, bool) else wrong("an integer")
+    if action.type is float:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else wrong("a number")
+    if action.type is not None:
+        return action.type(value) if isinstance(value, str) else wrong("a string")
+    return value
 
 
 def _hidden(text: str) -> list[int]:
@@ -183,6 +201,11 @@ def _hidden(text: str) -> list[int]:
 
 
 def _config_from(args) -> dict:
+    if args.steps is None:
+        args.steps = DEFAULT_STEPS
+        args.steps_given = False
+    else:
+        args.steps_given = True
     positive = ("num_samples", "latent_dim", "batch_size", "steps", "steps_per_call", "checkpoint_every", "eval_samples", "prior_components")
     for name in positive:
         if getattr(args, name) < 1:
@@ -190,6 +213,8 @@ def _config_from(args) -> dict:
     for name in ("kl_warmup", "lr_warmup"):
         if getattr(args, name) < 0:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.eval_points < 0:
+        raise SystemExit(f"elbojax: --eval-points must be >= 0 (0 for all), got {args.eval_points}")
     if args.checkpoint_every % args.steps_per_call:
         raise SystemExit(f"elbojax: --checkpoint-every ({args.checkpoint_every}) must be a multiple of --steps-per-call ({args.steps_per_call})")
     if not args.learning_rate > 0:
@@ -353,31 +378,64 @@ def _record_environment(run_dir: Path, argv: list[str]) -> None:
     path.write_text(json.dumps(sessions, indent=2) + "\n")
 
 
-def _prepare_run(args, config: dict) -> dict:
-    """Check the run folder (every process), then write config.json and environment.json (process 0)."""
+def _resolve_run(args, config: dict) -> dict:
+    """The run's settings: the flags' for a new run; the checkpoint's own on --resume (with a
+    longer --steps if given). Checks the run folder; writes nothing."""
     from elbojax import distributed
 
     run_dir: Path = args.run_dir
     saved = run_dir / "config.json"
-    if args.resume:
-        if not saved.exists():
-            raise SystemExit(f"elbojax: --resume given but {saved} does not exist; start a new run without --resume")
-        previous = json.loads(saved.read_text())
-        changed = [key for key in RESUME_FIXED_KEYS if previous.get(key, config[key]) != config[key]]
-        if changed:
-            details = ", ".join(f"{key}: checkpoint {previous.get(key)!r}, flags {config[key]!r}" for key in changed)
-            raise SystemExit(f"elbojax: cannot resume {run_dir}: the model or optimizer differs from the checkpoint's ({details})")
+    if not args.resume:
+        if saved.exists():
+            raise SystemExit(f"elbojax: {run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir")
+        return config
+    if not saved.exists():
+        raise SystemExit(f"elbojax: --resume given but {saved} does not exist; start a new run without --resume")
+    previous = json.loads(saved.read_text())
+    changed = [key for key in RESUME_FIXED_KEYS if previous.get(key, config[key]) != config[key]]
+    if changed:
+        details = ", ".join(f"{key}: checkpoint {previous.get(key)!r}, flags {config[key]!r}" for key in changed)
+        raise SystemExit(f"elbojax: cannot resume {run_dir}: the model or optimizer differs from the checkpoint's ({details})")
+    checkpoints = [int(p.name) for p in (run_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    if args.steps_given:
+        if checkpoints and config["steps"] < max(checkpoints):
+            raise SystemExit(f"elbojax: --steps {config['steps']} is before the run's last checkpoint (step {max(checkpoints)})")
         previous["steps"] = config["steps"]  # resuming may extend the run
-        config = previous
-    elif saved.exists():
-        raise SystemExit(f"elbojax: {run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir")
+    given = _given_flags(args)
+    ignored = [key for key in config if key in given and key != "steps" and previous.get(key) != config[key]]
+    if ignored and distributed.is_primary():
+        print(f"elbojax: resuming {run_dir} with its own settings; ignoring " + ", ".join(f"--{key.replace('_', '-')}" for key in ignored))
+    return previous
+
+
+def _given_flags(args) -> set[str]:
+    """The settings named on the command line (not defaults, not --config)."""
+    train = _train_parser(_parser())
+    return {action.dest for action in train._actions if any(option in args.argv for option in action.option_strings)}
+
+
+def _write_run(args, config: dict) -> None:
+    """config.json and environment.json, written by process 0 once every process has checked the folder."""
+    from elbojax import distributed
+
     distributed.barrier("elbojax-run-checked")
     if distributed.is_primary():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(json.dumps(config, indent=2) + "\n")
-        _record_environment(run_dir, args.argv)
+        args.run_dir.mkdir(parents=True, exist_ok=True)
+        (args.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _record_environment(args.run_dir, args.argv)
     distributed.barrier("elbojax-run-prepared")
-    return config
+
+
+def _check_objective(model, objective_fn, data_dim: int) -> None:
+    """Trace the objective on the model abstractly: an incompatible pair (e.g. a closed-form KL or
+    free bits asked of a mixture prior) is refused before the run folder is written."""
+    import jax
+    import jax.numpy as jnp
+
+    try:
+        jax.eval_shape(lambda: objective_fn(jax.random.split(jax.random.key(0), 2), model, jnp.zeros((2, data_dim)), jnp.zeros((), jnp.int32)))
+    except ValueError as error:
+        raise SystemExit(f"elbojax: {error}") from None
 
 
 def _fit_config(config: dict):
@@ -472,18 +530,20 @@ def _train(args) -> int:
 
     config = _config_from(args)
     mesh = _start_devices(args)
+    config = _resolve_run(args, config)
     if config["batch_size"] % mesh.size:
-        raise SystemExit(f"elbojax: --batch-size ({config['batch_size']}) must be a multiple of the number of devices ({mesh.size})")
-    config = _prepare_run(args, config)
+        raise SystemExit(f"elbojax: the batch size ({config['batch_size']}) must be a multiple of the number of devices ({mesh.size})")
     dataset = _load_data(config["data"], args.data_dir, args.download)
     images = _images_for_training(dataset, config)
     model = build_model(config, images)
-    optimizer = _optimizer(config)
-    graphdef, state = train.init(model, optimizer)
     try:
         objective_fn = _objective(config)
     except ValueError as error:  # an older run's config.json may hold a combination refused now
         raise SystemExit(f"elbojax: {error}") from None
+    _check_objective(model, objective_fn, images.shape[1])
+    optimizer = _optimizer(config)
+    graphdef, state = train.init(model, optimizer)
+    _write_run(args, config)
     if distributed.is_primary():
         devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device{'s' if mesh.size > 1 else ''}"
         print(f"training {config['objective'].upper()} (K={config['num_samples']}, gradient={config['gradient']}) on {config['data']}: "
@@ -499,6 +559,8 @@ def _evaluate(args) -> int:
     config_path = args.run_dir / "config.json"
     if not config_path.exists():
         raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")
+    if args.eval_samples < 1 or args.eval_points < 0:
+        raise SystemExit(f"elbojax: --eval-samples must be >= 1 and --eval-points >= 0, got {args.eval_samples} and {args.eval_points}")
     config = json.loads(config_path.read_text())
     dataset = _load_data(config["data"], None, False)
     mesh = _start_devices(args)
@@ -558,7 +620,7 @@ def _impute(args) -> int:
     def complete(args_):
         key, x = args_
         result = missing.impute(key, x, mask, model, num_samples=args.num_samples, num_imputations=args.imputations)
-        bound = missing.masked_iwae_bound(jax.random.fold_in(key, 1), x, mask, model, num_samples=args.num_samples)
+        bound = missing.masked_iwae_bound(jax.random.fold_in(key, 2**31 - 1), x, mask, model, num_samples=args.num_samples)
         return result.means, result.effective_sample_size, bound
 
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(args.seed), jnp.arange(test.shape[0], dtype=jnp.uint32))

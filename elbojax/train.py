@@ -583,7 +583,7 @@ class Evaluation(NamedTuple):
       active_units: the number of dimensions whose $E_q[z]$ varies over $x$ by more than 0.01
         (Burda et al. 2016); of the first stochastic layer for a hierarchical proposal; -1
         where the proposal has no mean.
-      latent_dim: the number of dimensions of $E_q[z]$.
+      latent_dim: the number of dimensions of $E_q[z]$ (-1 where it has no closed form).
       num_samples: the K used for the log-likelihood.
       num_points: how many data points.
       log_likelihood_per_point: `(N,)`, $\\log \\hat p(x_i)$ of each point (for paired comparisons
@@ -649,16 +649,20 @@ def evaluate(
         key = jax.random.fold_in(base, index)
         q = model.proposal(x)
         log_px = importance_log_marginal(key, x, model.log_joint, q, num_samples=num_samples, chunk_size=chunk_size)
-        bound = elbo(jax.random.fold_in(key, 1), x, model.log_joint, q, num_samples=elbo_samples)
+        # Keys no estimator reaches (sample k of the log-likelihood is fold_in(key, k), k < K).
+        elbo_key, kl_key = jax.random.fold_in(key, _KL_SAMPLE_INDEX - 1), jax.random.fold_in(key, _KL_SAMPLE_INDEX - 2)
+        bound = elbo(elbo_key, x, model.log_joint, q, num_samples=elbo_samples)
+        per_dim = jnp.full((1,), jnp.nan)
         if getattr(model, "has_analytic_kl", False):
-            per_dim = model.analytic_kl(x, per_dimension=True)
-            kl = jnp.sum(per_dim)
+            kl = model.analytic_kl(x)
+            try:
+                per_dim = model.analytic_kl(x, per_dimension=True)
+            except ValueError:  # a closed form, but not a diagonal Gaussian pair
+                pass
+        elif callable(getattr(model, "log_prior", None)):
+            kl = expectation(kl_key, x, lambda x, z: q.log_prob(z) - model.log_prior(z), q, num_samples=elbo_samples)
         else:
-            per_dim = jnp.full((1,), jnp.nan)
-            kl = (
-                expectation(jax.random.fold_in(key, 2), x, lambda x, z: q.log_prob(z) - model.log_prior(z), q, num_samples=elbo_samples)
-                if callable(getattr(model, "log_prior", None)) else jnp.nan
-            )
+            kl = jnp.nan
         loc = _proposal_mean(q)
         return log_px, bound, kl, per_dim, loc
 
@@ -684,7 +688,7 @@ def evaluate(
         kl=float(kls.mean()),
         kl_per_dimension=per_dim_mean,
         active_units=int(active),
-        latent_dim=int(locs.shape[1]),
+        latent_dim=int(locs.shape[1]) if np.isfinite(locs).any() else -1,
         num_samples=num_samples,
         num_points=int(num_points),
         log_likelihood_per_point=log_px,

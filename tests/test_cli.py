@@ -44,6 +44,25 @@ def test_resume_continues_and_load_run_gives_the_model(run):
     assert len(json.loads((run / "environment.json").read_text())) == 2  # the start, then the resume
 
 
+def test_resume_keeps_the_runs_own_length_and_settings(run, capsys):
+    """A plain --resume neither shortens the run to the default length nor takes other flags."""
+    steps = json.loads((run / "config.json").read_text())["steps"]
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--beta", "3", *TINY[2:]]) == 0
+    assert json.loads((run / "config.json").read_text())["steps"] == steps
+    assert "ignoring --beta" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"--steps 10 is before the run's last checkpoint"):
+        cli.main(["train", "--run-dir", str(run), "--resume", "--steps", "10", *TINY[2:]])
+
+
+def test_an_incompatible_model_and_objective_write_no_run(tmp_path):
+    run_dir = tmp_path / "r"
+    with pytest.raises(SystemExit, match=r"kl='analytic' needs a closed-form KL"):
+        cli.main(["train", "--run-dir", str(run_dir), *TINY, "--objective", "elbo", "--kl", "analytic", "--prior", "mixture"])
+    with pytest.raises(SystemExit, match=r"Free bits need the KL in closed form"):
+        cli.main(["train", "--run-dir", str(run_dir), *TINY, "--objective", "elbo", "--free-bits", "0.1", "--prior", "vamp"])
+    assert not (run_dir / "config.json").exists()
+
+
 def test_evaluate_command(run, capsys):
     assert cli.main(["evaluate", str(run), "--eval-points", "10", "--eval-samples", "50"]) == 0
     assert "test log-likelihood (K=50)" in capsys.readouterr().out
@@ -128,7 +147,10 @@ def _config_file(tmp_path, settings):
     "settings, message",
     [
         ({"num_sample": 3}, r"unknown settings \['num_sample'\]"),
-        ({"steps": "many"}, r"steps must be a int, got 'many'"),
+        ({"steps": "many"}, r"steps must be an integer, got 'many'"),
+        ({"steps": 1.5}, r"steps must be an integer, got 1.5"),
+        ({"no_progress": "false"}, r"no_progress must be true or false, got 'false'"),
+        ({"beta": True}, r"beta must be a number, got True"),
         ({"optimizer": "lion"}, r"optimizer must be one of .*got 'lion'"),
         ("{not json", r"is not valid JSON"),
         ("[1, 2]", r"must hold a JSON object"),

@@ -192,13 +192,7 @@ class TwoLayerVAE(nnx.Module):
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
         """Always `"monte_carlo"`; `kl="analytic"` is a `ValueError` (no closed form)."""
-        mode = resolve_kl(kl, gradient, False, "TwoLayerVAE")
-        if mode == "analytic":
-            raise ValueError(
-                "TwoLayerVAE has no closed-form KL(q(z1, z2 | x) || p(z1, z2)) (both are hierarchical); "
-                "use kl='auto' or 'monte_carlo'."
-            )
-        return mode
+        return resolve_kl(kl, gradient, False, "TwoLayerVAE")  # both q and p are hierarchical
 
     def elbo(self, key, x, *, num_samples: int = 1, kl: str = "auto", gradient: str = "reparam", chunk_size=None):
         r"""The Monte Carlo ELBO $\frac1K \sum_k \log p_\theta(x, z_k) - \log q_\phi(z_k \mid x)$ (`elbojax.elbo`).

@@ -59,6 +59,11 @@ def resolve_kl(kl: str, gradient: str, has_closed_form: bool, model: str) -> str
             f"kl='analytic' (elbojax.elbo_analytic_kl) has only the reparameterisation gradient; got "
             f"gradient={gradient!r}. Use kl='monte_carlo' for {model}.elbo(..., gradient={gradient!r})."
         )
+    if kl == "analytic" and not has_closed_form:
+        raise ValueError(
+            f"kl='analytic' needs a closed-form KL(q || prior), and {model} has none for its proposal "
+            "and prior (e.g. a mixture or VampPrior prior); use kl='auto' or 'monte_carlo'."
+        )
     return kl
 
 
@@ -209,7 +214,7 @@ class VAE(nnx.Module):
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
         """What `elbo(..., kl=kl, gradient=gradient)` computes: `"analytic"` or `"monte_carlo"`."""
-        return resolve_kl(kl, gradient, kl == "auto" and self.has_analytic_kl, "VAE")
+        return resolve_kl(kl, gradient, kl != "monte_carlo" and self.has_analytic_kl, "VAE")
 
     def elbo(
         self,
