@@ -126,32 +126,8 @@ def _check_conditional_sizes(encoder, decoder, prior, num_classes: int, encoder_
 # ----------------------------------------------------------------------------------------------
 
 
-class ConditionalVAE(nnx.Module):
-    r"""A conditional VAE: $p_\theta(x, z \mid y) = p(z)\, p_\theta(x \mid z, y)$ and $q_\phi(z \mid x, y)$.
-
-    The encoder reads $[x, \mathrm{onehot}(y)]$ and the decoder $[z, \mathrm{onehot}(y)]$, so they
-    are the ordinary MLPs of `elbojax.models` with $C$ more inputs::
-
-        cvae = ConditionalVAE(GaussianMLPEncoder(784 + 10, 16, rngs=rngs),
-                              BernoulliMLPDecoder(16 + 10, 784, rngs=rngs),
-                              StandardNormalPrior(16), num_classes=10)
-
-    Args:
-      encoder: a module with `data_dim` $= D + C$, `latent_dim` $= d$ and `__call__(xy)` returning
-        a distrax distribution (a `GaussianMLPEncoder`).
-      decoder: a module with `latent_dim` $= d + C$, `data_dim` $= D$ mapping $[z, y]$ to the
-        likelihood's parameters (`BernoulliMLPDecoder`, `GaussianMLPDecoder`).
-      prior: $p(z)$ over $d$ dimensions (`StandardNormalPrior`, `MixturePrior`, `VampPrior` of
-        the right input size).
-      num_classes: $C$.
-      likelihood: as `VAE` (`None` takes the decoder's).
-
-    `given(y)` is the model of $x$ for a fixed label, with `log_joint(x, z)` and `proposal(x)`
-    for the estimators; `sample(key, y, n)` draws from $p(x \mid y)$.
-
-    References:
-      Sohn, Lee & Yan, NeurIPS 2015; Kingma et al. 2014 (M1+M2's conditional generator).
-    """
+class _LabelConditioned(nnx.Module):
+    """What the conditional VAE and M2 share: an encoder on $[x, y]$, a decoder on $[z, y]$, a prior on $z$."""
 
     def __init__(self, encoder, decoder, prior, *, num_classes: int, likelihood: str | None = None):
         self.num_classes = _checks.check_positive_int(num_classes, "num_classes")
@@ -185,22 +161,55 @@ class ConditionalVAE(nnx.Module):
         z = jnp.asarray(z)
         return self.decoder(jnp.concatenate([z, self._label(y, z.dtype)]))
 
+    def log_prior(self, z):
+        r"""$\log p(z)$: a scalar."""
+        return self.prior.log_prob(z)
+
+    def decode_mean(self, z, y):
+        r"""$\mathbb{E}[x \mid z, y]$, shape `(D,)`."""
+        return LIKELIHOODS[self.likelihood].mean(self.decoder_output(z, y))
+
+    def sample(self, key, y, num_samples: int):
+        r"""Class-conditional samples: `(z, means)` with $z \sim p(z)$ `(n, d)` and $\mathbb{E}[x \mid z, y]$ `(n, D)`."""
+        z = self.prior.sample(key, num_samples)
+        return z, jax.vmap(lambda z_i: self.decode_mean(z_i, y))(z)
+
+
+class ConditionalVAE(_LabelConditioned):
+    r"""A conditional VAE: $p_\theta(x, z \mid y) = p(z)\, p_\theta(x \mid z, y)$ and $q_\phi(z \mid x, y)$.
+
+    The encoder reads $[x, \mathrm{onehot}(y)]$ and the decoder $[z, \mathrm{onehot}(y)]$, so they
+    are the ordinary MLPs of `elbojax.models` with $C$ more inputs::
+
+        cvae = ConditionalVAE(GaussianMLPEncoder(784 + 10, 16, rngs=rngs),
+                              BernoulliMLPDecoder(16 + 10, 784, rngs=rngs),
+                              StandardNormalPrior(16), num_classes=10)
+
+    Args:
+      encoder: a module with `data_dim` $= D + C$, `latent_dim` $= d$ and `__call__(xy)` returning
+        a distrax distribution (a `GaussianMLPEncoder`).
+      decoder: a module with `latent_dim` $= d + C$, `data_dim` $= D$ mapping $[z, y]$ to the
+        likelihood's parameters (`BernoulliMLPDecoder`, `GaussianMLPDecoder`).
+      prior: $p(z)$ over $d$ dimensions (`StandardNormalPrior`, `MixturePrior`, `VampPrior` of
+        the right input size).
+      num_classes: $C$.
+      likelihood: as `VAE` (`None` takes the decoder's).
+
+    `given(y)` is the model of $x$ for a fixed label, with `log_joint(x, z)` and `proposal(x)`
+    for the estimators; `sample(key, y, n)` draws from $p(x \mid y)$.
+
+    References:
+      Sohn, Lee & Yan, NeurIPS 2015; Kingma et al. 2014 (M1+M2's conditional generator).
+    """
+
     def log_likelihood(self, x, z, y):
         r"""$\log p_\theta(x \mid z, y)$: a scalar."""
         check_shape(x, (self.data_dim,), "x", ONE_POINT)
         return LIKELIHOODS[self.likelihood].log_prob(x, self.decoder_output(z, y))
 
-    def log_prior(self, z):
-        r"""$\log p(z)$: a scalar."""
-        return self.prior.log_prob(z)
-
     def log_joint(self, x, z, y):
         r"""$\log p_\theta(x, z \mid y) = \log p_\theta(x \mid z, y) + \log p(z)$: a scalar."""
         return self.log_likelihood(x, z, y) + self.log_prior(z)
-
-    def decode_mean(self, z, y):
-        r"""$\mathbb{E}[x \mid z, y]$, shape `(D,)`."""
-        return LIKELIHOODS[self.likelihood].mean(self.decoder_output(z, y))
 
     def analytic_kl(self, x, y, *, per_dimension: bool = False):
         r"""$\mathrm{KL}(q_\phi(z \mid x, y) \,\|\, p(z))$ in closed form (see `VAE.analytic_kl`)."""
@@ -214,11 +223,6 @@ class ConditionalVAE(nnx.Module):
     def given(self, y) -> "GivenLabel":
         """The model of $x$ for the label `y`: `log_joint(x, z)` $= \\log p(x, z \\mid y)$, `proposal(x)`, ..."""
         return GivenLabel(self, y)
-
-    def sample(self, key, y, num_samples: int):
-        r"""Class-conditional samples: `(z, means)` with $z \sim p(z)$ `(n, d)` and $\mathbb{E}[x \mid z, y]$ `(n, D)`."""
-        z = self.prior.sample(key, num_samples)
-        return z, jax.vmap(lambda z_i: self.decode_mean(z_i, y))(z)
 
 
 class GivenLabel:
@@ -434,7 +438,7 @@ class MLPClassifier(nnx.Module):
         return self.head(self.trunk(x))
 
 
-class SemiSupervisedVAE(nnx.Module):
+class SemiSupervisedVAE(_LabelConditioned):
     r"""Kingma et al.'s M2: $p(y)\,p(w)\,p_\theta(x \mid y, w)$ with $q_\phi(y \mid x)\,q_\phi(w \mid x, y)$.
 
     $y$ is one of $C$ classes with a uniform prior, $w$ the continuous rest ("style"). The latent
@@ -458,25 +462,12 @@ class SemiSupervisedVAE(nnx.Module):
     """
 
     def __init__(self, classifier, encoder, decoder, prior, *, num_classes: int, likelihood: str | None = None):
-        self.num_classes = _checks.check_positive_int(num_classes, "num_classes")
-        self.likelihood = _resolve_likelihood(decoder, likelihood)
-        _check_conditional_sizes(encoder, decoder, prior, self.num_classes, "encoder")
+        super().__init__(encoder, decoder, prior, num_classes=num_classes, likelihood=likelihood)
         if getattr(classifier, "num_classes", self.num_classes) != self.num_classes:
             raise ValueError(f"classifier.num_classes ({classifier.num_classes}) must equal num_classes ({self.num_classes}).")
         if getattr(classifier, "data_dim", decoder.data_dim) != decoder.data_dim:
             raise ValueError(f"classifier.data_dim ({classifier.data_dim}) must equal decoder.data_dim ({decoder.data_dim}).")
         self.classifier = classifier
-        self.encoder = encoder
-        self.decoder = decoder
-        self.prior = prior
-
-    @property
-    def data_dim(self) -> int:
-        return self.decoder.data_dim
-
-    @property
-    def latent_dim(self) -> int:
-        return self.encoder.latent_dim
 
     def classifier_logits(self, x):
         r"""The logits of $q_\phi(y \mid x)$, shape `(C,)`, for one `x` `(D,)`."""
@@ -490,9 +481,7 @@ class SemiSupervisedVAE(nnx.Module):
     def continuous_proposal(self, x) -> Callable:
         r"""$c \mapsto q_\phi(w \mid x, c)$ for one `x`; `c` an integer class or a one-hot `(C,)`."""
         check_shape(x, (self.data_dim,), "x", ONE_POINT)
-        x = jnp.asarray(x)
-        dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.result_type(float)
-        return lambda c: self.encoder(jnp.concatenate([x.astype(dtype), label_vector(c, self.num_classes, dtype)]))
+        return lambda c: self.proposal(x, c)
 
     def log_class_prior(self):
         r"""$\log p(y) = -\log C$ (uniform)."""
@@ -502,15 +491,8 @@ class SemiSupervisedVAE(nnx.Module):
         r"""$\log p(x, c, w) = \log p_\theta(x \mid c, w) + \log p(w) + \log p(c)$ for `latent = (c, w)`."""
         c, w = latent
         check_shape(x, (self.data_dim,), "x", ONE_POINT)
-        check_shape(w, (self.latent_dim,), "w", " (ONE latent sample)")
-        w = jnp.asarray(w)
-        output = self.decoder(jnp.concatenate([w, label_vector(c, self.num_classes, w.dtype)]))
-        return LIKELIHOODS[self.likelihood].log_prob(x, output) + self.prior.log_prob(w) + self.log_class_prior()
-
-    def decode_mean(self, w, y):
-        r"""$\mathbb{E}[x \mid y, w]$, shape `(D,)`."""
-        w = jnp.asarray(w)
-        return LIKELIHOODS[self.likelihood].mean(self.decoder(jnp.concatenate([w, label_vector(y, self.num_classes, w.dtype)])))
+        output = self.decoder_output(w, c)
+        return LIKELIHOODS[self.likelihood].log_prob(x, output) + self.log_prior(w) + self.log_class_prior()
 
     def labelled_bound(self, key, x, y, *, num_samples: int = 1, gradient: str = "reparam", chunk_size: int | None = None):
         r"""$\mathcal{L}(x, y) \le \log p(x, y)$ (eq. 6): `elbojax.elbo` of $\log p(x, y, w)$ with $q(w \mid x, y)$.
@@ -549,10 +531,6 @@ class SemiSupervisedVAE(nnx.Module):
             num_samples=num_samples, chunk_size=chunk_size, gradient=gradient,
         )
 
-    def sample(self, key, y, num_samples: int):
-        r"""Samples of class `y`: `(w, means)`, $w \sim p(w)$ `(n, d)` and $\mathbb{E}[x \mid y, w]$ `(n, D)`."""
-        w = self.prior.sample(key, num_samples)
-        return w, jax.vmap(lambda w_i: self.decode_mean(w_i, y))(w)
 
 
 def semi_supervised_objective(*, alpha: float, num_samples: int = 1, gradient: str = "reparam", chunk_size: int | None = None):
