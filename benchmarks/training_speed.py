@@ -24,7 +24,7 @@ Contestants:
   the KL in closed form; not a candidate for "the fastest", since it computes something else
   (left out of `--quick`).
 * **hand-written JAX**: the same computation in plain JAX + optax, written the fast way (one
-  `(B, K, d)` draw; the fused Bernoulli `-softplus(where(x, -l, l))`; W1 `lax.map`ped over points
+  `(B, K, d)` draw; the decoder on the samples as one `(B K, d)` matrix; the fused Bernoulli `-softplus(where(x, -l, l))`; W1 `lax.map`ped over points
   with the same chunks), on the same parameters. See `_workloads.py`.
 
 Each training workload is measured twice: **one step per jitted call** (the call's result
