@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from elbojax import _checks
+from elbojax._keys import fold_in_many
 from elbojax import gradients as grads
 from elbojax.estimators import _draw, _log_joint, _pathwise_summary, _prepare, elbo, iwae_bound
 from elbojax.reductions import summary_logsumexp
@@ -116,7 +117,7 @@ def combination_iwae_bound(
 
 def _group_keys(key, num_groups: int):
     _checks.check_key(key)
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(num_groups, dtype=jnp.uint32))
+    return fold_in_many(key, jnp.arange(num_groups, dtype=jnp.uint32))
 
 
 def multi_iwae_bound(

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from elbojax import _checks
+from elbojax._keys import fold_in_many
 from elbojax import gradients as grads
 from elbojax.proposals import as_proposal, closed_form_entropy, closed_form_kl
 from elbojax.reductions import LogWeightSummary, combine, summarize, summary_logsumexp
@@ -97,7 +98,7 @@ def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_si
 def _draw(problem: _Problem, start, count: int):
     """Samples `start .. start + count - 1`: `z` (leading axis `count`) and `log q(z)` `(count,)`."""
     indices = start + jnp.arange(count, dtype=jnp.uint32)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(problem.key, indices)
+    keys = fold_in_many(problem.key, indices)  # = vmap(fold_in)(key, indices), one fused pass
     draw_one = lambda k: problem.proposal.sample_and_log_prob(seed=k, sample_shape=())
     return jax.vmap(draw_one)(keys)
 

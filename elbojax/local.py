@@ -59,6 +59,7 @@ import optax
 from flax import nnx
 
 from elbojax import _checks
+from elbojax._keys import fold_in_many
 from elbojax.estimators import elbo, iwae_bound
 
 LocalObjective = Callable[[jax.Array, Any, Any, Any], jax.Array]
@@ -350,7 +351,7 @@ def _batch_size_of(tree, name: str) -> int:
 
 def point_keys(key, indices):
     """`fold_in(key, index)` for every index, shape `(B,)`: the per-point keys of the batched functions."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(indices).astype(jnp.uint32))
+    return fold_in_many(key, jnp.asarray(indices))
 
 
 def optimize_local_batch(

@@ -534,9 +534,10 @@ class NaNMasked:
     def has_analytic_kl(self) -> bool:
         return bool(getattr(self.model, "has_analytic_kl", False))
 
-    def analytic_kl(self, x, *, per_dimension: bool = False):
+    def analytic_kl(self, x, *, per_dimension: bool = False, proposal=None):
         r"""$\mathrm{KL}(q(z \mid x_{\mathrm{obs}}) \,\|\, p(z))$ in closed form (the model's, on the encoder's input)."""
-        return self.model.analytic_kl(self._encoder_input(x), per_dimension=per_dimension)
+        extra = {} if proposal is None else {"proposal": proposal}  # `proposal(x)`, computed once by the caller
+        return self.model.analytic_kl(self._encoder_input(x), per_dimension=per_dimension, **extra)
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
         from elbojax.models.vae import resolve_kl

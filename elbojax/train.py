@@ -26,6 +26,7 @@ the one-sample ELBO). `fit` is the host loop (batches, checkpoints, metrics, res
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
@@ -36,6 +37,7 @@ import optax
 from flax import nnx
 
 from elbojax import _checks, distributed
+from elbojax._keys import fold_in_many
 from elbojax.estimators import elbo, expectation, iwae_bound
 
 KLWeight = Union[float, Callable[[jax.Array], jax.Array]]
@@ -144,10 +146,18 @@ def _weighted_log_joint(model, proposal, weight):
     return log_joint
 
 
+def _analytic_kl(model, x, proposal, **kwargs):
+    """`model.analytic_kl(x, ...)`, handing it the proposal already computed where it takes one
+    (`models.VAE` does): a second encoder pass would be differentiated a second time."""
+    if "proposal" in inspect.signature(model.analytic_kl).parameters:
+        kwargs["proposal"] = proposal
+    return model.analytic_kl(x, **kwargs)
+
+
 def _reported_kl(model, x, proposal, key):
     """Closed-form KL where the model has it, else a one-sample estimate; NaN without `log_prior`."""
     if getattr(model, "has_analytic_kl", False) and callable(getattr(model, "analytic_kl", None)):
-        return model.analytic_kl(x)
+        return _analytic_kl(model, x, proposal)
     if not callable(getattr(model, "log_prior", None)):
         return jnp.full((), jnp.nan)
     z, log_q = proposal.sample_and_log_prob(seed=jax.random.fold_in(key, _KL_SAMPLE_INDEX))
@@ -245,10 +255,11 @@ def objective(
 
     def analytic_elbo(keys, model, batch, weight):
         def point(key, x):
+            proposal = model.proposal(x)
             reconstruction = expectation(
-                key, x, model.log_likelihood, model.proposal(x), num_samples=num_samples, chunk_size=chunk_size
+                key, x, model.log_likelihood, proposal, num_samples=num_samples, chunk_size=chunk_size
             )
-            return reconstruction, model.analytic_kl(x, per_dimension=free_bits is not None)
+            return reconstruction, _analytic_kl(model, x, proposal, per_dimension=free_bits is not None)
 
         reconstructions, kls = jax.vmap(point)(keys, batch)
         if free_bits is None:
@@ -284,7 +295,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
 
     def loss(params, step_key, batch, indices, step):
         model = nnx.merge(graphdef, params)
-        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, indices.astype(jnp.uint32))
+        keys = fold_in_many(step_key, indices)  # = vmap(fold_in)(step_key, indices), one fused pass
         terms = objective_fn(keys, model, batch, step)
         return -terms.objective, terms
 
@@ -304,6 +315,8 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             return optax.apply_updates(state.params, updates), opt_state
 
+        # A `lax.cond`, not a `where` per leaf: measured faster on W3 (the select in every
+        # optimizer update cost about 10%, although XLA fuses it).
         params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
         new_state = TrainState(
             step=state.step + 1,
@@ -654,9 +667,9 @@ def evaluate(
         bound = elbo(elbo_key, x, model.log_joint, q, num_samples=elbo_samples)
         per_dim = jnp.full((1,), jnp.nan)
         if getattr(model, "has_analytic_kl", False):
-            kl = model.analytic_kl(x)
+            kl = _analytic_kl(model, x, q)
             try:
-                per_dim = model.analytic_kl(x, per_dimension=True)
+                per_dim = _analytic_kl(model, x, q, per_dimension=True)
             except ValueError:  # a closed form, but not a diagonal Gaussian pair
                 pass
         elif callable(getattr(model, "log_prior", None)):

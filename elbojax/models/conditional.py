@@ -211,9 +211,9 @@ class ConditionalVAE(_LabelConditioned):
         r"""$\log p_\theta(x, z \mid y) = \log p_\theta(x \mid z, y) + \log p(z)$: a scalar."""
         return self.log_likelihood(x, z, y) + self.log_prior(z)
 
-    def analytic_kl(self, x, y, *, per_dimension: bool = False):
+    def analytic_kl(self, x, y, *, per_dimension: bool = False, proposal=None):
         r"""$\mathrm{KL}(q_\phi(z \mid x, y) \,\|\, p(z))$ in closed form (see `VAE.analytic_kl`)."""
-        return _kl(self.proposal(x, y), self.prior, per_dimension)
+        return _kl(self.proposal(x, y) if proposal is None else proposal, self.prior, per_dimension)
 
     @property
     def has_analytic_kl(self) -> bool:
@@ -274,8 +274,8 @@ class GivenLabel:
     def decode_mean(self, z):
         return self.model.decode_mean(z, self.y)
 
-    def analytic_kl(self, x, *, per_dimension: bool = False):
-        return self.model.analytic_kl(x, self.y, per_dimension=per_dimension)
+    def analytic_kl(self, x, *, per_dimension: bool = False, proposal=None):
+        return self.model.analytic_kl(x, self.y, per_dimension=per_dimension, proposal=proposal)
 
     @property
     def has_analytic_kl(self) -> bool:
@@ -364,9 +364,9 @@ class _Packed:
         x, y = self._split(xy)
         return self.model.log_joint(x, z, y)
 
-    def analytic_kl(self, xy, *, per_dimension: bool = False):
+    def analytic_kl(self, xy, *, per_dimension: bool = False, proposal=None):
         x, y = self._split(xy)
-        return self.model.analytic_kl(x, y, per_dimension=per_dimension)
+        return self.model.analytic_kl(x, y, per_dimension=per_dimension, proposal=proposal)
 
     @property
     def has_analytic_kl(self) -> bool:

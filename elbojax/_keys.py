@@ -1,0 +1,57 @@
+r"""`fold_in` over many data at once: the same keys as `jax.random.fold_in`, in one fused pass.
+
+elbojax derives every key by `fold_in`: each example's from the step key and its index, each
+sample's from its example's key and `k`. `jax.random.fold_in` hashes with Threefry-2x32, which
+JAX lowers on CPU as a rolled loop of five iterations, each about sixteen small XLA operations;
+a `vmap` of it costs about 80 kernel launches whatever its size. On the single-sample ELBO
+training step of the IWAE model those loops were about a tenth of the step.
+
+`fold_in_many` computes the identical keys (Threefry-2x32 of the counter pair `(0, data)` under
+the key, as `jax.random.fold_in` does; tested bit for bit) with the twenty rounds written out as
+elementwise `uint32` arithmetic, which XLA fuses into one pass. Keys of another implementation
+(`impl="rbg"`, ...) go to `jax.random.fold_in`.
+
+Reference: Salmon, Moraes, Dror & Shaw, *Parallel random numbers: as easy as 1, 2, 3*, SC 2011.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_PARITY = np.uint32(0x1BD11BDA)
+
+
+def _threefry2x32(key1, key2, x1, x2):
+    """Threefry-2x32 with 20 rounds on `uint32` arrays (broadcasting): the pair of output words."""
+    keys = (key1, key2, key1 ^ key2 ^ _PARITY)
+    x1, x2 = x1 + keys[0], x2 + keys[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x1 = x1 + x2
+            x2 = (x2 << np.uint32(r)) | (x2 >> np.uint32(32 - r))
+            x2 = x1 ^ x2
+        x1 = x1 + keys[(i + 1) % 3]
+        x2 = x2 + keys[(i + 2) % 3] + np.uint32(i + 1)
+    return x1, x2
+
+
+def fold_in_many(key, data):
+    """`jax.random.fold_in(key, d)` for every entry `d` of `data`: keys of shape `data.shape`.
+
+    Args:
+      key: one PRNG key (a typed key, or a raw `uint32[2]` key).
+      data: integers of any shape, read as `uint32` (as `jax.random.fold_in` reads them).
+    """
+    data = jnp.asarray(data).astype(jnp.uint32)
+    typed = jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
+    if typed and str(jax.random.key_impl(key)) != "threefry2x32":
+        return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, data.ravel()).reshape(data.shape)
+    words = jax.random.key_data(key) if typed else jnp.asarray(key)
+    if words.shape != (2,):
+        raise ValueError(f"fold_in_many takes one key, got key data of shape {words.shape}.")
+    y1, y2 = _threefry2x32(words[0], words[1], jnp.zeros_like(data), data)
+    folded = jnp.stack([y1, y2], axis=-1)
+    return jax.random.wrap_key_data(folded, impl=jax.random.key_impl(key)) if typed else folded

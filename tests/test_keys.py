@@ -1,0 +1,69 @@
+"""`fold_in_many` gives exactly `jax.random.fold_in`'s keys, and a model's KL can reuse a proposal."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from elbojax import models
+from elbojax._keys import fold_in_many
+
+DATA = np.array([0, 1, 2, 7, 99, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=np.uint32)
+
+
+def _reference(key, data):
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.asarray(data).ravel())
+    return keys.reshape(np.shape(data) + keys.shape[1:])  # raw uint32 keys keep their trailing 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 1])
+def test_fold_in_many_is_fold_in_bit_for_bit(seed):
+    key = jax.random.key(seed)
+    ours, theirs = fold_in_many(key, DATA), _reference(key, DATA)
+    np.testing.assert_array_equal(jax.random.key_data(ours), jax.random.key_data(theirs))
+    # The keys draw the same numbers.
+    draw = jax.vmap(lambda k: jax.random.normal(k, (3,)))
+    np.testing.assert_array_equal(draw(ours), draw(theirs))
+
+
+def test_fold_in_many_any_shape_jit_vmap_and_x64():
+    key = jax.random.key(5)
+    data = jnp.arange(12, dtype=jnp.int32).reshape(3, 4)
+    np.testing.assert_array_equal(
+        jax.random.key_data(jax.jit(fold_in_many)(key, data)), jax.random.key_data(_reference(key, data))
+    )
+    keys = jax.random.split(key, 4)
+    ours = jax.vmap(lambda k: jax.random.key_data(fold_in_many(k, jnp.arange(3))))(keys)
+    theirs = jax.vmap(lambda k: jax.random.key_data(_reference(k, jnp.arange(3))))(keys)
+    np.testing.assert_array_equal(ours, theirs)
+    with jax.enable_x64(True):
+        np.testing.assert_array_equal(
+            jax.random.key_data(fold_in_many(key, jnp.arange(5))), jax.random.key_data(_reference(key, jnp.arange(5)))
+        )
+
+
+def test_fold_in_many_raw_and_other_implementations():
+    raw = jax.random.PRNGKey(3)  # a legacy uint32[2] key
+    np.testing.assert_array_equal(fold_in_many(raw, DATA), _reference(raw, DATA))
+    rbg = jax.random.key(1, impl="rbg")  # not Threefry: jax.random.fold_in itself
+    np.testing.assert_array_equal(jax.random.key_data(fold_in_many(rbg, DATA)), jax.random.key_data(_reference(rbg, DATA)))
+    with pytest.raises(ValueError, match="one key"):
+        fold_in_many(jax.random.split(jax.random.key(0), 2), DATA)
+
+
+def test_analytic_kl_reuses_a_given_proposal():
+    vae = models.VAE(
+        models.GaussianMLPEncoder(6, 2, (4,), rngs=nnx.Rngs(0)),
+        models.BernoulliMLPDecoder(2, 6, (4,), rngs=nnx.Rngs(1)),
+        models.StandardNormalPrior(2),
+    )
+    x = jnp.array([0.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    q = vae.proposal(x)
+    np.testing.assert_allclose(vae.analytic_kl(x, proposal=q), vae.analytic_kl(x), rtol=1e-6)
+    np.testing.assert_allclose(
+        vae.analytic_kl(x, proposal=q, per_dimension=True), vae.analytic_kl(x, per_dimension=True), rtol=1e-6
+    )
+    # The proposal handed in is the one used (here a different one gives a different KL).
+    other = vae.proposal(1.0 - x)
+    assert not np.allclose(vae.analytic_kl(x, proposal=other), vae.analytic_kl(x))
