@@ -27,9 +27,9 @@ It runs on a plain dict of the elbojax model's own parameters, so every contesta
 the same numbers.
 
 **Timing.** `time_alternating` calls every contestant once (its first call: tracing, compiling
-and one run, reported as the compile time), then runs rounds in which the contestants take turns;
-each call is timed on its own with its result blocked, and the reported time is the median over
-rounds of each round's median.
+and one run, reported as the compile time), then runs rounds in which the contestants take turns,
+in an order that rotates from round to round; each call is timed on its own with its result
+blocked, and the reported time is the median over rounds of each round's median.
 """
 
 from __future__ import annotations
@@ -173,8 +173,15 @@ def decode(params, z):
 
 
 def bernoulli_log_likelihood(x, logits):
-    """The fused form, summed over the last axis: `-softplus(-l)` where x = 1, `-softplus(l)` where x = 0."""
-    return -jnp.sum(jax.nn.softplus(jnp.where(x > 0.5, -logits, logits)), axis=-1)
+    """The fused form, summed over the last axis: `-softplus(-l)` where x = 1, `-softplus(l)` where x = 0.
+
+    softplus(s) written with selects, `where(s > 0, s, 0) + log1p(exp(where(s > 0, -s, s)))`:
+    about 40% faster, forward and backward, than `jax.nn.softplus` on CPU (measured; see
+    `elbojax.models.likelihoods.softplus`).
+    """
+    s = jnp.where(x > 0.5, -logits, logits)
+    positive = s > 0
+    return -jnp.sum(jnp.where(positive, s, 0.0) + jnp.log1p(jnp.exp(jnp.where(positive, -s, s))), axis=-1)
 
 
 def floor_log_weights(params, x, eps):
@@ -466,15 +473,22 @@ class Timed(NamedTuple):
 
 
 def time_alternating(contestants: dict[str, tuple[Callable, tuple]], *, rounds: int, calls: int) -> dict[str, Timed]:
-    """Time each `fn(*args)` per call (result blocked), the contestants taking turns round by round."""
+    """Time each `fn(*args)` per call (result blocked), the contestants taking turns round by round.
+
+    The order of the turns rotates from round to round, so that no contestant always runs first
+    (or always right after the same neighbour).
+    """
     first, outputs = {}, {}
     for name, (fn, args) in contestants.items():
         start = time.perf_counter()
         outputs[name] = jax.block_until_ready(fn(*args))
         first[name] = time.perf_counter() - start
     per_round = {name: [] for name in contestants}
-    for _ in range(rounds):
-        for name, (fn, args) in contestants.items():
+    names = list(contestants)
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, args = contestants[name]
             times = []
             for _ in range(calls):
                 start = time.perf_counter()

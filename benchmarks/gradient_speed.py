@@ -53,7 +53,9 @@ def mlp(layers, h):
 
 def bernoulli_log_likelihood(x, logits):
     """Fused form: log sigmoid(+l) where x = 1, log sigmoid(-l) where x = 0."""
-    return -jnp.sum(jax.nn.softplus(jnp.where(x > 0.5, -logits, logits)), axis=-1)
+    s = jnp.where(x > 0.5, -logits, logits)  # softplus(s) written with selects, as elbojax's likelihood is
+    positive = s > 0
+    return -jnp.sum(jnp.where(positive, s, 0.0) + jnp.log1p(jnp.exp(jnp.where(positive, -s, s))), axis=-1)
 
 
 def adam_step(loss, optimizer):

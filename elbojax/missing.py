@@ -74,6 +74,7 @@ from elbojax import _checks, exact, snis
 from elbojax.estimators import elbo, iwae_bound
 from elbojax.models._layers import LOG_2PI, check_shape
 from elbojax.models.encoders import GaussianMLPEncoder
+from elbojax.models.likelihoods import softplus
 from elbojax.models.hierarchical import TwoLayerVAE
 
 _NUMPY_TYPES = (np.ndarray, np.generic)
@@ -183,7 +184,7 @@ def masked_bernoulli_log_likelihood(x, logits, mask):
     check_shape(logits, shape, "logits", " (the shape of `x`)")
     mask = _check_mask(mask, shape)
     x = jnp.where(mask, x, jnp.zeros((), jnp.asarray(x).dtype))
-    return -jnp.sum(jnp.where(mask, jax.nn.softplus(jnp.where(x > 0.5, -logits, logits)), 0.0))
+    return -jnp.sum(jnp.where(mask, softplus(jnp.where(x > 0.5, -logits, logits)), 0.0))
 
 
 def masked_gaussian_log_likelihood(x, mean, log_scale, mask):

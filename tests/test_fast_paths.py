@@ -1,4 +1,5 @@
-"""`fold_in_many` gives exactly `jax.random.fold_in`'s keys, and a model's KL can reuse a proposal."""
+"""The fast paths give exactly what the plain ones do: `fold_in_many` is `jax.random.fold_in`, a
+model's KL can reuse a proposal, and the likelihoods' `softplus` is `jax.nn.softplus`."""
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +68,19 @@ def test_analytic_kl_reuses_a_given_proposal():
     # The proposal handed in is the one used (here a different one gives a different KL).
     other = vae.proposal(1.0 - x)
     assert not np.allclose(vae.analytic_kl(x, proposal=other), vae.analytic_kl(x))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_softplus_matches_jax_in_value_gradient_and_curvature(dtype):
+    from elbojax.models.likelihoods import softplus
+
+    with jax.enable_x64(dtype == jnp.float64):
+        s = jnp.array([-1e4, -80.0, -3.0, -1e-7, 0.0, 1e-7, 0.5, 2.0, 40.0, 1e4], dtype)
+        rtol = 1e-6 if dtype == jnp.float32 else 1e-13
+        for ours, theirs in (
+            (softplus, jax.nn.softplus),
+            (jax.grad(softplus), jax.grad(jax.nn.softplus)),  # sigma(s); 1/2 at s = 0
+            (jax.grad(jax.grad(softplus)), jax.grad(jax.grad(jax.nn.softplus))),
+        ):
+            # atol: at s = 40 the curvature is 4e-18, which ours resolves and jax.nn.softplus rounds to 0.
+            np.testing.assert_allclose(jax.vmap(ours)(s), jax.vmap(theirs)(s), rtol=rtol, atol=1e-15)
