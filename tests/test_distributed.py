@@ -21,7 +21,7 @@ from elbojax import cli, distributed
 
 TINY = ["--steps", "20", "--steps-per-call", "10", "--checkpoint-every", "10", "--batch-size", "20",
         "--eval-points", "10", "--eval-samples", "20", "--latent-dim", "2", "--hidden", "16", "--no-progress"]
-ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false", JAX_PLATFORMS="cpu")
+ENV = dict(os.environ, XLA_FLAGS="--xla_cpu_multi_thread_eigen=false --xla_backend_optimization_level=0", JAX_PLATFORMS="cpu")
 for name in distributed.ENVIRONMENT:
     ENV.pop(name, None)
 
