@@ -24,7 +24,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.core import ShapedArray
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -60,7 +59,8 @@ def _expanded(x, kernel):
 
 
 def _abstract_eval(x, kernel):
-    return ShapedArray(x.shape[:-1] + (kernel.shape[1],), x.dtype)
+    # The input's abstract value with the output's shape (the same rank and dtype).
+    return x.update(shape=x.shape[:-1] + (kernel.shape[1],), weak_type=x.weak_type and kernel.weak_type)
 
 
 def _batch(args, dims):
