@@ -20,7 +20,7 @@ samples at a time, in chunks), because it is memory-bound.
 
 Flattening the samples is new since PERFORMANCE.md (measured here, 2026-11-22): with `(B, K, d)`
 inputs, the decoder's weight gradients are products that contract two axes, and XLA on CPU
-transposes the `(B, K, 784)` cotangent before each; the flattened step was about 15-20% faster on
+transposes the `(B, K, 784)` cotangent before each; the flattened step was 11-20% faster (three runs) on
 W2. elbojax gets the same programme from `vmap`ped per-sample code through its `flat_matmul`
 layers (`elbojax/models/_flat_matmul.py`).
 It runs on a plain dict of the elbojax model's own parameters, so every contestant starts from

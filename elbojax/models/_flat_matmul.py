@@ -6,7 +6,7 @@ sees its input as `(B, K, n)`, and `jax.grad` then computes the weight gradient
 $\partial W = \sum_{b,k} x_{bk}^\top g_{bk}$ as a `dot_general` that contracts *two* axes. XLA
 on CPU canonicalises such a product by physically transposing the `(B, K, m)` cotangent (and the
 `(B, K, n)` input) before the matrix product. On the IWAE paper's MNIST model (K = 50, batch 100)
-those copies made a hand-written training step about 25% slower than the same step written with
+those copies made a hand-written training step 13-26% slower (three runs) than the same step written with
 the samples flattened to `(B K, n)` by hand (`benchmarks/training_speed.py`).
 
 `flat_matmul` is a JAX primitive whose batching rule folds every new batch axis into its leading
