@@ -74,7 +74,7 @@ from elbojax import _checks, exact, snis
 from elbojax.estimators import elbo, iwae_bound
 from elbojax.models._layers import LOG_2PI, check_shape
 from elbojax.models.encoders import GaussianMLPEncoder
-from elbojax.models.likelihoods import softplus
+from elbojax.models.likelihoods import check_gaussian_arguments, softplus
 from elbojax.models.hierarchical import TwoLayerVAE
 
 _NUMPY_TYPES = (np.ndarray, np.generic)
@@ -204,14 +204,7 @@ def masked_gaussian_log_likelihood(x, mean, log_scale, mask):
     Returns:
       A scalar.
     """
-    shape = jnp.shape(x)
-    check_shape(mean, shape, "mean", " (the shape of `x`)")
-    try:
-        broadcast = jnp.broadcast_shapes(jnp.shape(log_scale), shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != shape:
-        raise ValueError(f"`log_scale` must broadcast to the shape of `x` {shape}, got {jnp.shape(log_scale)}.")
+    shape = check_gaussian_arguments(x, mean, log_scale)
     mask = jnp.ravel(_check_mask(mask, shape))
     # Fill before the arithmetic, so that a NaN at a missing entry reaches neither value nor gradient.
     x = jnp.where(mask, jnp.ravel(x), 0.0)

@@ -55,6 +55,19 @@ def bernoulli_log_likelihood(x, logits):
     return -jnp.sum(softplus(jnp.where(x > 0.5, -logits, logits)))
 
 
+def check_gaussian_arguments(x, mean, log_scale) -> tuple[int, ...]:
+    """At trace time: `mean` has the shape of `x` and `log_scale` broadcasts to it. Returns that shape."""
+    shape = jnp.shape(x)
+    check_shape(mean, shape, "mean", " (the shape of `x`)")
+    try:
+        broadcast = jnp.broadcast_shapes(jnp.shape(log_scale), shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != shape:
+        raise ValueError(f"`log_scale` must broadcast to the shape of `x` {shape}, got {jnp.shape(log_scale)}.")
+    return shape
+
+
 def gaussian_log_likelihood(x, mean, log_scale):
     r"""$\sum_i \log \mathcal{N}(x_i; \mu_i, \sigma_i^2)$ with $\log \sigma_i$ = `log_scale`.
 
@@ -70,14 +83,7 @@ def gaussian_log_likelihood(x, mean, log_scale):
     Returns:
       A scalar.
     """
-    shape = jnp.shape(x)
-    check_shape(mean, shape, "mean", " (the shape of `x`)")
-    try:
-        broadcast = jnp.broadcast_shapes(jnp.shape(log_scale), shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != shape:
-        raise ValueError(f"`log_scale` must broadcast to the shape of `x` {shape}, got {jnp.shape(log_scale)}.")
+    shape = check_gaussian_arguments(x, mean, log_scale)
     return diag_normal_log_density(jnp.ravel(x), jnp.ravel(mean), jnp.ravel(jnp.broadcast_to(log_scale, shape)))
 
 
