@@ -508,7 +508,6 @@ def load_run(run_dir):
 
 def _restore(run_dir: Path, config: dict, dataset, mesh=None):
     """The model of `config` with the parameters of the run's latest checkpoint (on `mesh`'s devices)."""
-    import jax
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -519,8 +518,7 @@ def _restore(run_dir: Path, config: dict, dataset, mesh=None):
     if mesh is not None:
         state = distributed.replicate(state, mesh)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    state = train.restore(manager, state)
     manager.close()
     return nnx.merge(graphdef, state.params)
 

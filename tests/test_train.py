@@ -133,6 +133,30 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert kept == ["30", "40"], kept  # the last two
 
 
+def test_a_checkpoint_in_the_older_nnx_state_layout_resumes(tmp_path):
+    """Checkpoints written when `TrainState.params` was an `nnx.State` (each leaf under a `value` key) still load."""
+    import orbax.checkpoint as ocp
+
+    whole = _fit(tmp_path / "whole", 40)
+    halfway = _fit(tmp_path / "new", 20)
+    graphdef, _, _ = _fresh()
+    structure = jax.tree.structure(halfway.params)
+    is_params = lambda node: isinstance(node, dict) and jax.tree.structure(node) == structure
+    as_nnx_state = lambda node: nnx.split(nnx.merge(graphdef, node), nnx.Param)[1] if is_params(node) else node
+    older = jax.tree.map(as_nnx_state, halfway, is_leaf=is_params)  # params and the Adam moments
+    assert isinstance(older.params, nnx.State) and isinstance(older.opt_state[0].mu, nnx.State)
+    manager = ocp.CheckpointManager((tmp_path / "old" / "checkpoints").absolute())
+    manager.save(20, args=ocp.args.StandardSave(older))
+    manager.wait_until_finished()
+    on_disk = [path for path, _ in jax.tree_util.tree_flatten_with_path(manager.item_metadata(20))[0]]
+    assert all(path[-1].key == "value" for path in on_disk if path[0].key in ("params", "opt_state") and len(path) > 3)
+    manager.close()
+
+    resumed = _fit(tmp_path / "old", 40)
+    assert int(resumed.step) == 40 and type(resumed.params) is dict
+    _assert_same_params(resumed, whole)
+
+
 def _finished_checkpoints(folder):
     """Steps of the finished checkpoints (orbax writes into `N.orbax-checkpoint-tmp*` first)."""
     return [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.exists() else []
