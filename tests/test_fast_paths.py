@@ -1,5 +1,6 @@
 """The fast paths give exactly what the plain ones do: `fold_in_many` is `jax.random.fold_in`, a
-model's KL can reuse a proposal, and the likelihoods' `softplus` is `jax.nn.softplus`."""
+model's KL can reuse a proposal, and the likelihoods' `softplus` is `jax.nn.softplus`; and the
+training step's compiled form copies no state where it need not."""
 
 import jax
 import jax.numpy as jnp
@@ -84,3 +85,41 @@ def test_softplus_matches_jax_in_value_gradient_and_curvature(dtype):
         ):
             # atol: at s = 40 the curvature is 4e-18, which ours resolves and jax.nn.softplus rounds to 0.
             np.testing.assert_allclose(jax.vmap(ours)(s), jax.vmap(theirs)(s), rtol=rtol, atol=1e-15)
+
+
+def _state_copies(hlo: str, shapes, computation: str) -> int:
+    """How many `copy` ops of a parameter-shaped f32 array sit in the named part of compiled HLO
+    (`"entry"`: the ENTRY computation; `"loop"`: every other computation, the scan's body among them)."""
+    import re
+
+    entry_start = hlo.index("\nENTRY")
+    entry_end = hlo.index("\n}", entry_start)
+    part = hlo[entry_start:entry_end] if computation == "entry" else hlo[:entry_start] + hlo[entry_end:]
+    names = {"f32[" + ",".join(map(str, shape)) + "]" for shape in shapes}
+    return sum(1 for shape in re.findall(r"= (f32\[[\d,]*\])\S* copy\(", part) if shape in names)
+
+
+def test_the_training_step_copies_no_state_per_call_or_per_scanned_step():
+    """A skipped step keeps the state without making XLA copy it on every call or loop iteration."""
+    import optax
+
+    from elbojax import train
+
+    vae = models.VAE(
+        models.GaussianMLPEncoder(12, 3, (10,), rngs=nnx.Rngs(0)),
+        models.BernoulliMLPDecoder(3, 12, (11,), rngs=nnx.Rngs(1)),
+        models.StandardNormalPrior(3),
+    )
+    optimizer = optax.adam(1e-3)
+    graphdef, state = train.init(vae, optimizer)
+    step = train.make_step(graphdef, optimizer, train.objective("elbo", num_samples=1), seed=0)
+    shapes = {leaf.shape for leaf in jax.tree.leaves(state.params) if leaf.ndim == 2}  # the kernels
+    batch, indices = jnp.zeros((4, 12)), jnp.arange(4)
+    call = jax.jit(step).lower(state, batch, indices).compile().as_text()
+    assert _state_copies(call, shapes, "entry") == 0
+    passed_through = jax.jit(step.in_loop).lower(state, batch, indices).compile().as_text()
+    assert _state_copies(passed_through, shapes, "entry") > 0  # what the re-selecting skip avoids
+    scan = jax.jit(train.make_multi_step(step)).lower(state, jnp.zeros((3, 4, 12)), jnp.arange(12).reshape(3, 4))
+    assert _state_copies(scan.compile().as_text(), shapes, "loop") == 0
+    re_selecting = jax.jit(train.make_multi_step(lambda *args: step(*args))).lower(state, jnp.zeros((3, 4, 12)), jnp.arange(12).reshape(3, 4))
+    assert _state_copies(re_selecting.compile().as_text(), shapes, "loop") > 0  # what `in_loop` avoids

@@ -79,9 +79,11 @@ def test_scan_equals_single_steps_and_keys_follow_position(setup):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_a_non_finite_step_is_skipped_and_counted(setup):
+@pytest.mark.parametrize("form", ["call", "in_loop"])
+def test_a_non_finite_step_is_skipped_and_counted(setup, form):
     data = setup
     _, state, step = _fresh()
+    step = step if form == "call" else step.in_loop  # the two ways a skip keeps the old state
     bad = data[:8].at[3, 0].set(jnp.nan)
     new_state, info = jax.jit(step)(state, bad, jnp.arange(8))
     assert not bool(info.finite)
@@ -91,6 +93,21 @@ def test_a_non_finite_step_is_skipped_and_counted(setup):
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(new_state.opt_state))
     good_state, info = jax.jit(step)(new_state, data[:8], jnp.arange(8))
     assert bool(info.finite) and int(good_state.skipped_in_a_row) == 0 and int(good_state.num_skipped) == 1
+
+
+def test_a_skipped_step_inside_the_scan_leaves_the_carry_as_it_was(setup):
+    data = setup
+    _, state, step = _fresh()
+    indices = jnp.arange(24).reshape(3, 8)
+    batches = data[indices].at[1, 3, 0].set(jnp.nan)  # the middle step's loss is NaN
+    scanned, info = jax.jit(train.make_multi_step(step))(state, batches, indices)
+    assert info.finite.tolist() == [True, False, True] and int(scanned.num_skipped) == 1
+    single = jax.jit(step)
+    by_hand = state
+    for s in (0, 2):  # the good steps only, each at its own position
+        by_hand, _ = single(by_hand._replace(step=jnp.int32(s)), batches[s], indices[s])
+    for a, b in zip(jax.tree.leaves((scanned.params, scanned.opt_state)), jax.tree.leaves((by_hand.params, by_hand.opt_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_step_argument_errors(setup):
