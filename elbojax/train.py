@@ -331,7 +331,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
             )
         step_key = jax.random.fold_in(base_key, state.step)
         (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(state.params, step_key, batch, indices, state.step)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = _global_norm(grads)
         # A NaN or infinite gradient entry makes the norm non-finite: one reduction checks them all.
         finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
 
@@ -358,6 +358,16 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
     step = build(in_loop=False)
     step.in_loop = build(in_loop=True)
     return step
+
+
+def _global_norm(tree) -> jax.Array:
+    r"""$\sqrt{\sum_i g_i^2}$ over every leaf, as one dot product per leaf.
+
+    The same number as `optax.tree.norm` (to rounding), but XLA on CPU splits each large
+    `reduce` in two passes (a `reduce-window` for precision, then a `reduce`), while `vdot`
+    is one: measured 1.054 -> 1.016 of the floor on W3 inside a scan.
+    """
+    return jnp.sqrt(sum(jnp.vdot(leaf, leaf).real for leaf in jax.tree.leaves(tree)))
 
 
 def _reselected(leaf, finite):

@@ -123,3 +123,15 @@ def test_the_training_step_copies_no_state_per_call_or_per_scanned_step():
     assert _state_copies(scan.compile().as_text(), shapes, "loop") == 0
     re_selecting = jax.jit(train.make_multi_step(lambda *args: step(*args))).lower(state, jnp.zeros((3, 4, 12)), jnp.arange(12).reshape(3, 4))
     assert _state_copies(re_selecting.compile().as_text(), shapes, "loop") > 0  # what `in_loop` avoids
+
+
+def test_the_steps_gradient_norm_is_optaxs_and_flags_what_is_not_finite(x64):
+    import optax
+
+    from elbojax.train import _global_norm
+
+    tree = {"a": jax.random.normal(jax.random.key(0), (7, 5)), "b": [jnp.arange(3.0), jnp.float64(-2.5)]}
+    np.testing.assert_allclose(_global_norm(tree), optax.tree.norm(tree), rtol=1e-14)
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert not np.isfinite(_global_norm({**tree, "a": tree["a"].at[3, 2].set(bad)}))
+    assert not np.isfinite(_global_norm({"big": jnp.full((4,), 1e30, jnp.float32)}))  # its square overflows
