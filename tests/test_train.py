@@ -150,6 +150,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert kept == ["30", "40"], kept  # the last two
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # orbax's reads, cut short by the shape check
 def test_a_checkpoint_in_the_older_nnx_state_layout_resumes(tmp_path):
     """Checkpoints written when `TrainState.params` was an `nnx.State` (each leaf under a `value` key) still load."""
     import orbax.checkpoint as ocp
@@ -167,11 +168,21 @@ def test_a_checkpoint_in_the_older_nnx_state_layout_resumes(tmp_path):
     manager.wait_until_finished()
     on_disk = [path for path, _ in jax.tree_util.tree_flatten_with_path(manager.item_metadata(20))[0]]
     assert all(path[-1].key == "value" for path in on_disk if path[0].key in ("params", "opt_state") and len(path) > 3)
+    _, other = train.init(LinearVAE(6, 3, rngs=nnx.Rngs(0)), optax.adam(1e-2))
+    with pytest.raises(ValueError, match="does not fit this model and optimizer"):
+        train.restore(manager, other)
     manager.close()
 
     resumed = _fit(tmp_path / "old", 40)
     assert int(resumed.step) == 40 and type(resumed.params) is dict
     _assert_same_params(resumed, whole)
+    # A checkpoint of another model is refused (with orbax's account of what differs); a missing step too.
+    manager = ocp.CheckpointManager((tmp_path / "old" / "checkpoints").absolute())
+    with pytest.raises(ValueError, match="does not fit this model and optimizer"):
+        train.restore(manager, other, 40)
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint of step 20 in .*; it has steps \[30, 40\]"):
+        train.restore(manager, halfway, 20)
+    manager.close()
 
 
 def _finished_checkpoints(folder):
