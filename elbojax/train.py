@@ -317,13 +317,13 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
         terms = objective_fn(keys, model, batch, step)
         return -terms.objective, terms
 
-    def build(in_loop: bool):
-        def step(state: TrainState, batch, indices):
-            return one_step(state, batch, indices, in_loop)
+    def step(state: TrainState, batch, indices):
+        return one_step(state, batch, indices, loop_carry=False)
 
-        return step
+    def in_loop(state: TrainState, batch, indices):
+        return one_step(state, batch, indices, loop_carry=True)
 
-    def one_step(state: TrainState, batch, indices, in_loop: bool):
+    def one_step(state: TrainState, batch, indices, loop_carry: bool):
         if jnp.ndim(indices) != 1 or jnp.shape(indices)[0] != jnp.shape(batch)[0]:
             raise ValueError(
                 f"`indices` must have shape ({jnp.shape(batch)[0]},), one per example of `batch`, "
@@ -341,7 +341,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
 
         def keep(_):  # the skip (see the docstring: pass through in a loop, re-select at a jit boundary)
             old = (state.params, state.opt_state)
-            return old if in_loop else jax.tree.map(lambda leaf: _reselected(leaf, finite), old)
+            return old if loop_carry else jax.tree.map(lambda leaf: _reselected(leaf, finite), old)
 
         # A `lax.cond`, not a `where` per leaf: measured faster on W3, in a scan and per call
         # (the select in every optimizer update cost 3-18%, although XLA fuses it).
@@ -355,8 +355,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
         )
         return new_state, StepInfo(terms.objective, terms.kl, terms.kl_weight, grad_norm, finite)
 
-    step = build(in_loop=False)
-    step.in_loop = build(in_loop=True)
+    step.in_loop = in_loop
     return step
 
 
