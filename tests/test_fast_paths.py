@@ -119,9 +119,10 @@ def test_the_training_step_copies_no_state_per_call_or_per_scanned_step():
     assert _state_copies(call, shapes, "entry") == 0
     passed_through = jax.jit(step.in_loop).lower(state, batch, indices).compile().as_text()
     assert _state_copies(passed_through, shapes, "entry") > 0  # what the re-selecting skip avoids
-    scan = jax.jit(train.make_multi_step(step)).lower(state, jnp.zeros((3, 4, 12)), jnp.arange(12).reshape(3, 4))
+    batches, stacked = jnp.zeros((3, 4, 12)), jnp.arange(12).reshape(3, 4)
+    scan = jax.jit(train.make_multi_step(step, check="step")).lower(state, batches, stacked)
     assert _state_copies(scan.compile().as_text(), shapes, "loop") == 0
-    re_selecting = jax.jit(train.make_multi_step(lambda *args: step(*args))).lower(state, jnp.zeros((3, 4, 12)), jnp.arange(12).reshape(3, 4))
+    re_selecting = jax.jit(train.make_multi_step(lambda *args: step(*args))).lower(state, batches, stacked)
     assert _state_copies(re_selecting.compile().as_text(), shapes, "loop") > 0  # what `in_loop` avoids
 
 

@@ -110,6 +110,58 @@ def test_a_skipped_step_inside_the_scan_leaves_the_carry_as_it_was(setup):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def _marked_objective():
+    """The ELBO less 1e-3 sqrt(c |W|^2) (W the decoder's kernel): c = 0 for an example whose first
+    entry is 7, where the value stays finite but the gradient is NaN (0 times an infinite slope)."""
+    elbo = train.objective("elbo", num_samples=4)
+
+    def batch_objective(keys, model, batch, step):
+        terms = elbo(keys, model, batch, step)
+        c = jnp.where(batch[:, 0] == 7.0, 0.0, 1.0)
+        penalty = jnp.mean(jnp.sqrt(c * jnp.sum(model.decoder.kernel[...] ** 2)))
+        return terms._replace(objective=terms.objective - 1e-3 * penalty)
+
+    return batch_objective
+
+
+def test_the_scan_checks_once_per_call_and_catches_a_non_finite_gradient_of_a_finite_loss(setup):
+    data = setup
+    model = LinearVAE(6, 2, rngs=nnx.Rngs(0))
+    optimizer = optax.adam(1e-2)
+    graphdef, state = train.init(model, optimizer)
+    step = train.make_step(graphdef, optimizer, _marked_objective(), seed=7)
+    indices = jnp.arange(24).reshape(3, 8)
+    # The last step: a finite loss with a NaN gradient. Only the check of the state the unchecked
+    # steps end with can see it (a NaN in the parameters would make any later loss NaN too).
+    batches = data[indices].at[2, 3, 0].set(7.0)
+    _, info = jax.jit(step)(state, batches[2], indices[2])
+    assert np.isfinite(info.objective) and not np.isfinite(info.grad_norm) and not bool(info.finite)
+    scanned, info = jax.jit(train.make_multi_step(step))(state, batches, indices)
+    assert info.finite.tolist() == [True, True, False] and int(scanned.num_skipped) == 1
+    assert np.all(np.isfinite(np.asarray(info.grad_norm)[:2]))  # the checked re-run reports the norms
+    single = jax.jit(step)
+    by_hand = state
+    for s in (0, 1):
+        by_hand, _ = single(by_hand._replace(step=jnp.int32(s)), batches[s], indices[s])
+    for a, b in zip(jax.tree.leaves((scanned.params, scanned.opt_state)), jax.tree.leaves((by_hand.params, by_hand.opt_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_the_once_per_call_check_and_the_per_step_check_agree_when_all_is_finite(setup):
+    data = setup
+    _, state, step = _fresh()
+    indices = jnp.arange(24).reshape(3, 8)
+    once, info_once = jax.jit(train.make_multi_step(step))(state, data[indices], indices)
+    every, info_every = jax.jit(train.make_multi_step(step, check="step"))(state, data[indices], indices)
+    for a, b in zip(jax.tree.leaves(once), jax.tree.leaves(every)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(info_once.objective, info_every.objective, rtol=1e-6)
+    assert np.all(np.isnan(info_once.grad_norm)) and np.all(np.isfinite(info_every.grad_norm))
+    assert np.all(info_once.finite) and np.all(info_every.finite)
+    with pytest.raises(ValueError, match=r"`check` must be 'call' or 'step', got 'never'"):
+        train.make_multi_step(step, check="never")
+
+
 def test_step_argument_errors(setup):
     data = setup
     _, state, step = _fresh()
