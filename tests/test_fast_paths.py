@@ -136,3 +136,14 @@ def test_the_steps_gradient_norm_is_optaxs_and_flags_what_is_not_finite(x64):
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
         assert not np.isfinite(_global_norm({**tree, "a": tree["a"].at[3, 2].set(bad)}))
     assert not np.isfinite(_global_norm({"big": jnp.full((4,), 1e30, jnp.float32)}))  # its square overflows
+
+
+def test_the_once_per_call_state_check_flags_any_non_finite_entry_and_nothing_else():
+    from elbojax.train import _all_finite
+
+    tree = {"a": jnp.ones((7, 5)), "b": [jnp.arange(3.0), jnp.int32(4)], "key": jax.random.key(0)}
+    assert bool(_all_finite(tree))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        for position in ((0, 0), (3, 2), (6, 4)):
+            assert not bool(_all_finite({**tree, "a": tree["a"].at[position].set(bad)})), (bad, position)
+    assert bool(_all_finite({"big": jnp.full((1000,), 3e38, jnp.float32)}))  # large moments: no false alarm
