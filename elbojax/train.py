@@ -414,9 +414,8 @@ def make_multi_step(step, *, check: str = "call"):
     (a NaN or infinity in the moments of Adam, RMSProp, Adamax or in SGD's step stays
     there). With one that handles them itself (`optax.zero_nans()`, `optax.apply_if_finite`),
     such a step is applied or skipped as that optimizer says, and not counted as skipped here;
-    the parameters stay finite either way. In the steps
-    that ran unchecked, `StepInfo.grad_norm` is NaN. `check="step"` checks every step, with
-    its gradient norm, always.
+    the parameters stay finite either way. In the steps that ran unchecked,
+    `StepInfo.grad_norm` is NaN. `check="step"` checks every step, with its gradient norm.
 
     A step without `unchecked` (your own) is scanned as it is, using `step.in_loop` where it
     has one.
