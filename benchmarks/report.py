@@ -25,6 +25,7 @@ ORDER = {
     "gradient_snr": "Gradient signal-to-noise ratio",
     "training_speed": "Training speed against the hand-written floor",
     "peer_speed": "Against the peers",
+    "allocator_speed": "A jitted call's memory: glibc's default against keep_freed_memory()",
     "iwae_mnist": "IWAE Table 1 on a short schedule",
 }
 

@@ -4,7 +4,7 @@ Every estimator takes ONE data point and returns a scalar; batch with `jax.vmap`
 """
 
 from elbojax import data, diagnostics, discrete, distributed, exact, gradients, interop, models
-from elbojax import missing, snis
+from elbojax import missing, runtime, snis
 from elbojax import flows, gaps, local
 from elbojax.bounds import (
     combination_iwae_bound,
@@ -86,6 +86,7 @@ __all__ = [
     "RelaxedBernoulli",
     "RelaxedOneHotCategorical",
     "renyi_bound",
+    "runtime",
     "snis",
     "straight_through",
     "straight_through_bernoulli",

@@ -79,6 +79,19 @@ def test_peer_speed_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_allocator_speed_runs(tmp_path):
+    stdout = _run("allocator_speed.py", tmp_path)
+    assert "keep_freed_memory()" in stdout and "faults / call" in stdout
+    record = json.loads((tmp_path / "allocator_speed.json").read_text())
+    assert set(record["results"]) == {"W1 (call)", "W2 (call)", "W3 (call)", "W2 (scan)"}
+    for rows in record["results"].values():
+        for row in rows.values():
+            # with freed memory kept, the timed calls reuse the heap: next to no page faults
+            assert row["keep_freed_memory()"]["page_faults_per_call"] <= 20
+    assert (tmp_path / "allocator_speed.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_iwae_mnist_runs_and_resumes(tmp_path):
     stdout = _run("iwae_mnist.py", tmp_path)
     assert "IWAE" in stdout and "paper" in stdout and "above VAE" in stdout

@@ -1,0 +1,74 @@
+"""`runtime.keep_freed_memory`: glibc keeps freed memory, so a repeated large allocation stops page-faulting."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from elbojax import runtime
+
+# Page faults of allocating, touching and freeing 64 MiB, before and after the call (in a child
+# process: the setting is the whole process's). Counted, not timed.
+_CHILD = textwrap.dedent(
+    """
+    import resource, numpy as np
+    from elbojax import runtime
+
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = np.ones(1 << 24, np.float32)  # 64 MiB, every page written
+        del block
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults()
+    default = faults()
+    applied = runtime.keep_freed_memory()
+    faults()  # the first block after the change still comes from fresh memory
+    kept = faults()
+    restored = runtime.keep_freed_memory(False)
+    faults()
+    again = faults()
+    print(applied, default, kept, restored, again)
+    """
+)
+
+
+@pytest.mark.skipif(runtime._glibc() is None, reason="glibc only")
+def test_freed_memory_is_reused_and_the_default_comes_back():
+    out = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, timeout=120, check=True)
+    applied, default, kept, restored, again = out.stdout.split()
+    assert applied == "True" and restored == "True"
+    default, kept, again = int(default), int(kept), int(again)
+    # By default glibc gives a 64 MiB block back to the kernel at free and faults it in anew
+    # (16,384 faults with 4 KiB pages, a few hundred with transparent huge pages).
+    assert default >= 100, default
+    assert kept <= default // 10, (default, kept)
+    assert again >= default // 2, (default, again)
+
+
+def test_other_c_libraries_are_left_alone(monkeypatch):
+    monkeypatch.setattr(runtime, "_glibc", lambda: None)
+    assert runtime.keep_freed_memory() is False
+
+
+def test_it_sets_the_documented_glibc_parameters(monkeypatch):
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(runtime, "_glibc", lambda: FakeLibc())
+    assert runtime.keep_freed_memory(trim_threshold=12345) is True
+    assert calls == [(-4, 0), (-1, 12345)]  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD
+    calls.clear()
+    assert runtime.keep_freed_memory(False) is True
+    assert calls == [(-4, 65536), (-1, 128 * 1024)]  # glibc's defaults
+
+
+@pytest.mark.parametrize("bad", [-1, 2**31, 1.5, "1GiB", True])
+def test_a_bad_trim_threshold_is_refused(bad):
+    with pytest.raises(ValueError, match="trim_threshold"):
+        runtime.keep_freed_memory(trim_threshold=bad)
