@@ -7,7 +7,7 @@ with a fresh `mmap` and returns it to the kernel at `free`. A call whose tempora
 then touches its memory for the first time on every call: one page fault per page, and the
 kernel zeroes every page before handing it over. One IWAE step of the IWAE paper's MNIST model
 (K = 50, batch 100, its decoder's temporaries are (5000, 784) matrices) took 17,000 page faults
-(68 MiB) per call, and 40 ms per call against 23-25 ms per step inside a `lax.scan`, where the
+(68 MiB) per call, and 40 ms per call against 24-26 ms per step inside a `lax.scan`, where the
 temporaries are allocated once for all the scanned steps (`benchmarks/allocator_speed.py`).
 
 `keep_freed_memory()` tells glibc to serve every block from its heap and to keep freed memory
@@ -58,9 +58,10 @@ def keep_freed_memory(enable: bool = True, *, trim_threshold: int = 1 << 30) -> 
     It matters where a jitted call's temporaries are larger than a few MiB and the calls are
     many: a step per call on a large batch or many samples. Measured on 2 CPU cores, JAX 0.10.2
     (`benchmarks/allocator_speed.py`): an IWAE K = 50 training step, batch 100, on the IWAE
-    paper's MNIST model, 40 ms per call before, 25 ms after (hand-written JAX and elbojax alike).
-    Inside `lax.scan` (`make_multi_step`, `fit`, the command line) a call's temporaries are
-    taken once for all its steps, and the gain is small there.
+    paper's MNIST model, 40-42 ms per call before, 24-25 ms after (hand-written JAX and elbojax
+    alike); a small step (ELBO, K = 1) in a process where larger computations had run before,
+    1.1-1.5x faster. Inside `lax.scan` (`make_multi_step`, `fit`, the command line) a call's
+    temporaries serve all its steps, and the change there was within run-to-run noise.
 
     The price: the process's resident memory does not shrink after a peak (up to
     `trim_threshold` bytes at the top of the heap, and whatever is freed below it). Memory on a
