@@ -121,7 +121,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: check that the script runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--rounds", type=int, default=6, help="rounds, each measuring both settings (at least 2)")
+    parser.add_argument("--rounds", type=int, default=6, help="alternated rounds under each setting (at least 2)")
     args = parser.parse_args()
     quick = w.is_quick(args.quick)
     _report.capture(args.out, "allocator_speed", "python benchmarks/allocator_speed.py " + " ".join(sys.argv[1:]),
