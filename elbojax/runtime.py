@@ -6,9 +6,10 @@ than its *mmap threshold* (128 KiB at start, rising with the blocks freed, to at
 with a fresh `mmap` and returns it to the kernel at `free`. A call whose temporaries exceed that
 then touches its memory for the first time on every call: one page fault per page, and the
 kernel zeroes every page before handing it over. One IWAE step of the IWAE paper's MNIST model
-(K = 50, batch 100, its decoder's temporaries are (5000, 784) matrices) took 17,000 page faults
-(68 MiB) per call, and 40 ms per call against 24-26 ms per step inside a `lax.scan`, where the
-temporaries are allocated once for all the scanned steps (`benchmarks/allocator_speed.py`).
+(K = 50, batch 100, its decoder's temporaries are (5000, 784) matrices) took 17,000-18,000 page
+faults (about 70 MiB) per call, and 40-42 ms per call against 24-26 ms per step inside a
+`lax.scan`, where the temporaries are allocated once for all the scanned steps
+(`benchmarks/allocator_speed.py`).
 
 `keep_freed_memory()` tells glibc to serve every block from its heap and to keep freed memory
 for reuse; the same call then reuses the same pages. Caching allocators (PyTorch's, XLA's own on
