@@ -394,14 +394,19 @@ def setup(sizes: Sizes, seed: int = 0) -> Setup:
     return Setup(sizes, d, vae, indices, batches, jnp.tile(indices, (steps, 1)))
 
 
-def elbojax_builder(s: Setup, *, kl: str = "monte_carlo", workloads=("W1", "W2", "W3")):
+def elbojax_builder(s: Setup, *, kl: str = "monte_carlo", workloads=("W1", "W2", "W3"), unchecked: bool = False):
     """elbojax's own model and step (`train.make_step`, `train.make_multi_step`), and for W1 its
-    evaluation path (`elbojax_log_marginal`)."""
+    evaluation path (`elbojax_log_marginal`).
+
+    With `unchecked=True`, one step per call only: the step's `step.unchecked` form, which applies
+    every update without the pass over the gradient that checks it is finite (the first pass of
+    `make_multi_step`); it shows what the check costs a single step.
+    """
     sizes = s.sizes
 
     @functools.cache
     def build(workload, mode):
-        if workload not in workloads:
+        if workload not in workloads or (unchecked and (workload == "W1" or mode != "call")):
             return None
         if workload == "W1":
             graphdef, params = nnx.split(s.vae, nnx.Param)
@@ -411,7 +416,8 @@ def elbojax_builder(s: Setup, *, kl: str = "monte_carlo", workloads=("W1", "W2",
         graphdef, state = train.init(s.vae, optimizer)
         step = train.make_step(graphdef, optimizer, elbojax_objective(workload, sizes, kl=kl), seed=0)
         if mode == "call":
-            return Entry(jax.jit(step), (state, s.digits.batch, s.indices), lambda out: out[1].objective)
+            fn = jax.jit(step.unchecked if unchecked else step)
+            return Entry(fn, (state, s.digits.batch, s.indices), lambda out: out[1].objective)
         multi = jax.jit(train.make_multi_step(step))
         return Entry(multi, (state, s.batches, s.stacked_indices), lambda out: out[1].objective[0])
 

@@ -64,6 +64,8 @@ def test_training_speed_runs(tmp_path):
     assert "same draws" in stdout  # elbojax's bound and gradient equal the hand-written ones on its own draws
     record = json.loads((tmp_path / "training_speed.json").read_text())
     assert set(record["results"]) == {"W1", "W2", "W3"} and set(record["results"]["W2"]) == {"call", "scan"}
+    unchecked = "elbojax, unchecked (no finite check)"  # the check's cost, for information: one step per call only
+    assert record["results"]["W3"]["call"][unchecked]["informational"] and unchecked not in record["results"]["W3"]["scan"]
     assert (tmp_path / "training_speed.png").stat().st_size > 10_000
 
 
