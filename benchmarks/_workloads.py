@@ -61,6 +61,7 @@ from flax import nnx
 
 from elbojax import data as data_lib
 from elbojax import models, train
+from elbojax._keys import normal as elbojax_normal
 from elbojax.estimators import importance_log_marginal
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -325,14 +326,15 @@ def elbojax_noise(seed: int, step: int, indices, num_samples: int, latent_dim: i
     """The standard normal noise `(B, K, d)` that elbojax's step `step` draws (for the exactness check).
 
     Step key `fold_in(key(seed), step)`, example key `fold_in(step_key, index)`, sample key
-    `fold_in(example_key, k)`, then `normal(sample_key, (d,))` inside distrax.
+    `fold_in(example_key, k)`, then `elbojax._keys.normal(sample_key, (d,))` in the encoder's
+    Gaussian (two draws per Threefry block, not `jax.random.normal`'s numbers).
     """
     step_key = jax.random.fold_in(jax.random.key(seed), step)
 
     def one_example(index):
         example_key = jax.random.fold_in(step_key, index)
         keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_key, jnp.arange(num_samples, dtype=jnp.uint32))
-        return jax.vmap(lambda k: jax.random.normal(k, (latent_dim,)))(keys)
+        return jax.vmap(lambda k: elbojax_normal(k, (latent_dim,)))(keys)
 
     return jax.vmap(one_example)(jnp.asarray(indices, jnp.uint32))
 

@@ -1,5 +1,5 @@
-"""The fast paths give exactly what the plain ones do: `fold_in_many` is `jax.random.fold_in`, a
-model's KL can reuse a proposal, and the likelihoods' `softplus` is `jax.nn.softplus`; and the
+"""The fast paths give exactly what the plain ones do: `fold_in_many` is `jax.random.fold_in`,
+`_keys.normal` is standard normal from JAX's own Threefry-2x32 words, a model's KL can reuse a proposal, and the likelihoods' `softplus` is `jax.nn.softplus`; and the
 training step's compiled form copies no state where it need not."""
 
 import jax
@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from elbojax import models
-from elbojax._keys import fold_in_many
+from elbojax._keys import fold_in_many, normal
 
 DATA = np.array([0, 1, 2, 7, 99, 2**16, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1], dtype=np.uint32)
 
@@ -52,6 +52,69 @@ def test_fold_in_many_raw_and_other_implementations():
     np.testing.assert_array_equal(jax.random.key_data(fold_in_many(rbg, DATA)), jax.random.key_data(_reference(rbg, DATA)))
     with pytest.raises(ValueError, match="one key"):
         fold_in_many(jax.random.split(jax.random.key(0), 2), DATA)
+
+
+def _normal_reference(key, size):
+    """`normal(key, (size,))` from JAX's own Threefry-2x32 (`jax.extend`) and scipy's erfinv, in float64."""
+    from jax.extend.random import threefry_2x32
+    from scipy.special import erfinv
+
+    blocks = (size + 1) // 2
+    counters = np.concatenate([np.zeros(blocks, np.uint32), np.arange(blocks, dtype=np.uint32)])
+    words = np.asarray(threefry_2x32(jax.random.key_data(key), jnp.asarray(counters)))[:size]  # first words, then second
+    unit = (words >> 9).astype(np.float64) / 2.0**23  # the 23 mantissa bits: [0, 1)
+    low = float(np.nextafter(np.float32(-1.0), np.float32(0.0)))
+    return np.sqrt(2.0) * erfinv(np.maximum(low, unit * (1.0 - low) + low))
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 50, 1001])
+def test_normal_is_jax_threefry_words_through_erfinv(size):
+    key = jax.random.key(size)
+    ours = np.asarray(normal(key, (size,)))
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, _normal_reference(key, size), rtol=2e-5, atol=2e-6)
+
+
+def test_normal_is_standard_normal():
+    n = 2**18
+    z = np.asarray(normal(jax.random.key(11), (n,)), np.float64)
+    assert abs(z.mean()) < 4 / np.sqrt(n)  # four standard errors
+    assert abs(z.var() - 1.0) < 4 * np.sqrt(2.0 / n)
+    from scipy import stats
+
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    # The two words of a block are independent draws: no correlation between the two halves.
+    first, second = z[: n // 2], z[n // 2 :]
+    assert abs(np.corrcoef(first, second)[0, 1]) < 4 / np.sqrt(n // 2)
+
+
+def test_normal_shapes_keys_and_transforms():
+    key = jax.random.key(4)
+    assert normal(key, ()).shape == () and normal(key, (0,)).shape == (0,)
+    np.testing.assert_array_equal(normal(key, (2, 3, 5)).ravel(), normal(key, (30,)))
+    np.testing.assert_array_equal(normal(jax.random.key_data(key), (9,)), normal(key, (9,)))  # a raw key
+    np.testing.assert_array_equal(jax.jit(normal, static_argnums=1)(key, (9,)), normal(key, (9,)))
+    keys = jax.random.split(key, 3)
+    batched = jax.vmap(lambda k: normal(k, (5,)))(keys)
+    for k, row in zip(keys, batched):
+        np.testing.assert_array_equal(row, normal(k, (5,)))
+    assert not np.allclose(batched[0], batched[1])
+    # Another dtype, or a key of another implementation: jax.random.normal's numbers.
+    np.testing.assert_array_equal(normal(key, (4,), jnp.float16), jax.random.normal(key, (4,), jnp.float16))
+    rbg = jax.random.key(1, impl="rbg")
+    np.testing.assert_array_equal(normal(rbg, (4,)), jax.random.normal(rbg, (4,)))
+    with pytest.raises(ValueError, match="one key"):
+        normal(jax.random.split(key, 2), (3,))
+
+
+def test_encoder_draws_with_fast_normal_and_sample_agrees():
+    encoder = models.GaussianMLPEncoder(6, 3, (4,), rngs=nnx.Rngs(0))
+    q = encoder(jnp.linspace(0.0, 1.0, 6))
+    key = jax.random.key(2)
+    z, log_q = q.sample_and_log_prob(seed=key, sample_shape=(5,))
+    np.testing.assert_allclose((z - q.loc) / q.scale_diag, normal(key, (5, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(q.sample(seed=key, sample_shape=(5,)), z)  # `sample` draws the same
+    np.testing.assert_allclose(log_q, q.log_prob(z), rtol=1e-5)
 
 
 def test_analytic_kl_reuses_a_given_proposal():

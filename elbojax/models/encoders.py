@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elbojax import _checks
+from elbojax._keys import normal
 from elbojax.models._layers import LOG_2PI, MLP, ONE_POINT, check_choice, check_shape, linear
 
 SCALE_TRANSFORMS = ("exp", "softplus")
@@ -83,8 +84,12 @@ class MultivariateNormalDiag(distrax.MultivariateNormalDiag):
     $\log q(z) = -\sum_j \big(\tfrac12 \epsilon_j^2 + \log \sigma_j + \tfrac12 \log 2\pi\big)$, written
     from the noise. distrax draws through a bijector with an extra sample axis; under the
     estimators' two `vmap`s its gradient reduced over that axis in a slow kernel (on the IWAE
-    model, about 6% of a K = 50 training step on CPU). The same numbers are drawn (`normal(seed,
-    sample_shape + (d,))`) and every other method is distrax's.
+    model, about 6% of a K = 50 training step on CPU). The noise comes from `elbojax._keys.normal`,
+    which hashes half as many Threefry blocks as `jax.random.normal` (two draws per block): the
+    same distribution, other numbers than distrax's for the same key (`sample` draws the same
+    noise as `sample_and_log_prob`); measured 1.5-5%
+    faster on the IWAE model's K = 50 training step and K = 5000 evaluation on 2 CPU cores. Every
+    other method is distrax's.
     """
 
     def sample_and_log_prob(self, *, seed, sample_shape=()):
@@ -92,6 +97,11 @@ class MultivariateNormalDiag(distrax.MultivariateNormalDiag):
             seed = jax.random.PRNGKey(seed)
         shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
         loc, scale = self.loc, self.scale_diag
-        noise = jax.random.normal(seed, shape + self.batch_shape + self.event_shape, dtype=loc.dtype)
+        noise = normal(seed, shape + self.batch_shape + self.event_shape, loc.dtype)
         log_prob = -jnp.sum(0.5 * noise**2 + jnp.log(scale) + 0.5 * LOG_2PI, axis=-1)
         return loc + scale * noise, log_prob
+
+    def _sample_n(self, key, n):
+        """What `sample` draws: the same noise as `sample_and_log_prob` for the same key and shape."""
+        noise = normal(key, (n,) + self.batch_shape + self.event_shape, self.loc.dtype)
+        return self.loc + self.scale_diag * noise
