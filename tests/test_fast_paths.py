@@ -1,6 +1,7 @@
 """The fast paths give exactly what the plain ones do: `fold_in_many` is `jax.random.fold_in`,
-`_keys.normal` is standard normal from JAX's own Threefry-2x32 words, a model's KL can reuse a proposal, and the likelihoods' `softplus` is `jax.nn.softplus`; and the
-training step's compiled form copies no state where it need not."""
+`_keys.normal` is standard normal from JAX's own Threefry-2x32 words, a model's KL can reuse a
+proposal, and the likelihoods' `softplus` is `jax.nn.softplus`; and the training step's compiled
+form copies no state where it need not."""
 
 import jax
 import jax.numpy as jnp
