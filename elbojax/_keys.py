@@ -58,25 +58,26 @@ def fold_in_many(key, data):
       data: integers of any shape, read as `uint32` (as `jax.random.fold_in` reads them).
     """
     data = jnp.asarray(data).astype(jnp.uint32)
-    typed = jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
-    if typed and str(jax.random.key_impl(key)) != "threefry2x32":
+    words = _threefry_words(key, "fold_in_many")
+    if words is None:
         return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, data.ravel()).reshape(data.shape)
-    words = jax.random.key_data(key) if typed else jnp.asarray(key)
-    if words.shape != (2,):
-        raise ValueError(f"fold_in_many takes one key, got key data of shape {words.shape}.")
     y1, y2 = _threefry2x32(words[0], words[1], jnp.zeros_like(data), data)
     folded = jnp.stack([y1, y2], axis=-1)
-    return jax.random.wrap_key_data(folded, impl=jax.random.key_impl(key)) if typed else folded
+    return jax.random.wrap_key_data(folded, impl=jax.random.key_impl(key)) if _is_typed(key) else folded
 
 
-def _threefry_words(key):
+def _is_typed(key) -> bool:
+    return jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
+
+
+def _threefry_words(key, caller: str):
     """The `uint32[2]` words of one Threefry key (typed or raw), or None for another implementation."""
-    typed = jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
+    typed = _is_typed(key)
     if typed and str(jax.random.key_impl(key)) != "threefry2x32":
         return None
     words = jax.random.key_data(key) if typed else jnp.asarray(key)
     if words.shape != (2,) or words.dtype != jnp.uint32:
-        raise ValueError(f"normal takes one key, got key data of shape {words.shape} and dtype {words.dtype}.")
+        raise ValueError(f"{caller} takes one key, got key data of shape {words.shape} and dtype {words.dtype}.")
     return words
 
 
@@ -94,7 +95,7 @@ def normal(key, shape=(), dtype=jnp.float32):
       gives draw $i$ and its second draw $\lceil n/2 \rceil + i$ of the flattened $n$ draws.
     """
     shape, dtype = tuple(shape), jnp.dtype(dtype)
-    words = _threefry_words(key)
+    words = _threefry_words(key, "normal")
     if words is None or dtype != jnp.float32:
         return jax.random.normal(key, shape, dtype)
     size = math.prod(shape)
