@@ -135,6 +135,32 @@ def test_analytic_kl_reuses_a_given_proposal():
     assert not np.allclose(vae.analytic_kl(x, proposal=other), vae.analytic_kl(x))
 
 
+def test_encoder_gaussian_kl_is_distraxs_in_one_sum(x64):
+    import distrax
+
+    from elbojax.models.encoders import MultivariateNormalDiag
+
+    k = jax.random.split(jax.random.key(3), 4)
+    loc, scale = jax.random.normal(k[0], (3, 5)), jnp.exp(jax.random.normal(k[1], (3, 5)))
+    q = MultivariateNormalDiag(loc, scale)
+    for p in (
+        distrax.MultivariateNormalDiag(jax.random.normal(k[2], (5,)), jnp.exp(jax.random.normal(k[3], (5,)))),
+        distrax.MultivariateNormalDiag(jnp.zeros(5), jnp.ones(5)),
+        MultivariateNormalDiag(loc[::-1], scale[::-1]),
+    ):
+        ours = q.kl_divergence(p)
+        assert ours.shape == (3,)
+        np.testing.assert_allclose(ours, distrax.MultivariateNormalDiag(loc, scale).kl_divergence(p), rtol=1e-12)
+    np.testing.assert_allclose(q.kl_divergence(q), 0.0, atol=1e-15)
+    # A prior with a larger batch, and a Gaussian that is not diagonal: distrax's own answer.
+    wide = distrax.MultivariateNormalDiag(jnp.zeros((2, 3, 5)), jnp.ones((2, 3, 5)))
+    assert q.kl_divergence(wide).shape == (2, 3)
+    full = distrax.MultivariateNormalTri(jnp.zeros(5), jnp.eye(5) * 2.0)
+    np.testing.assert_allclose(
+        q.kl_divergence(full), distrax.MultivariateNormalDiag(loc, scale).kl_divergence(full), rtol=1e-12
+    )
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_softplus_matches_jax_in_value_gradient_and_curvature(dtype):
     from elbojax.models.likelihoods import softplus
@@ -195,10 +221,18 @@ def test_the_steps_gradient_norm_is_optaxs_and_flags_what_is_not_finite(x64):
 
     from elbojax.train import _global_norm
 
-    tree = {"a": jax.random.normal(jax.random.key(0), (7, 5)), "b": [jnp.arange(3.0), jnp.float64(-2.5)]}
+    # "a" and "c" are large enough for a product of their own; "b"'s leaves are joined.
+    keys = jax.random.split(jax.random.key(0), 2)
+    tree = {
+        "a": jax.random.normal(keys[0], (40, 30)),
+        "b": [jnp.arange(3.0), jnp.float64(-2.5), jnp.ones((7, 5))],
+        "c": jax.random.normal(keys[1], (1024,)),
+    }
     np.testing.assert_allclose(_global_norm(tree), optax.tree.norm(tree), rtol=1e-14)
+    np.testing.assert_allclose(jax.jit(_global_norm)(tree), optax.tree.norm(tree), rtol=1e-14)
     for bad in (jnp.nan, jnp.inf, -jnp.inf):
         assert not np.isfinite(_global_norm({**tree, "a": tree["a"].at[3, 2].set(bad)}))
+        assert not np.isfinite(_global_norm({**tree, "b": [tree["b"][0].at[1].set(bad), *tree["b"][1:]]}))
     assert not np.isfinite(_global_norm({"big": jnp.full((4,), 1e30, jnp.float32)}))  # its square overflows
 
 

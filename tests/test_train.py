@@ -134,8 +134,12 @@ def test_the_scan_checks_once_per_call_and_catches_a_non_finite_gradient_of_a_fi
     # The last step: a finite loss with a NaN gradient. Only the check of the state the unchecked
     # steps end with can see it (a NaN in the parameters would make any later loss NaN too).
     batches = data[indices].at[2, 3, 0].set(7.0)
-    _, info = jax.jit(step)(state, batches[2], indices[2])
+    kept, info = jax.jit(step)(state, batches[2], indices[2])
     assert np.isfinite(info.objective) and not np.isfinite(info.grad_norm) and not bool(info.finite)
+    # The one-step call applies the update first and undoes it: the state is the old one, exactly.
+    assert int(kept.num_skipped) == 1
+    for a, b in zip(jax.tree.leaves((kept.params, kept.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
     scanned, info = jax.jit(train.make_multi_step(step))(state, batches, indices)
     assert info.finite.tolist() == [True, True, False] and int(scanned.num_skipped) == 1
     assert np.all(np.isfinite(np.asarray(info.grad_norm)[:2]))  # the checked re-run reports the norms
