@@ -30,6 +30,13 @@ the same numbers.
 and one run, reported as the compile time), then runs rounds in which the contestants take turns,
 in an order that rotates from round to round; each call is timed on its own with its result
 blocked, and the reported time is the median over rounds of each round's median.
+
+**One process per workload.** `run_isolated` runs each workload in a fresh Python process of its
+own, as `../shared/PERFORMANCE.md` did. In one process, the large temporaries of W1 and W2 leave
+glibc's heap in a state where each later call of a small step maps fresh pages and page-faults
+on them: a W3 call then took 1.6-2.1 ms instead of 1.3-1.4 (every contestant, by amounts that
+differ from run to run; `allocator_speed.py` measures it). `--workload W` times one workload in
+the calling process.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ import json
 import math
 import platform
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -515,8 +524,38 @@ class Entry(NamedTuple):
     bound: Callable
 
 
+def run_isolated(script: str, arguments: list[str], workloads=None) -> dict:
+    """Run `script` once per workload, each in a fresh process, and merge what they measured.
+
+    Each child is `python script *arguments --workload W --results-to FILE`: it times workload
+    `W` only, prints its table (passed on here, so that `_report.capture` keeps it) and writes its
+    `run_workloads` result to `FILE`. A child that fails (a bound outside its tolerance among
+    others) stops the run with its exit status.
+    """
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for workload in workloads or WORKLOADS:
+            path = Path(folder, f"{workload}.json")
+            command = [sys.executable, script, *arguments, "--workload", workload, "--results-to", str(path)]
+            child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+            print(child.stdout, end="", flush=True)
+            if child.returncode != 0:
+                raise SystemExit(f"{Path(script).name}: the {workload} process failed (exit status {child.returncode}).")
+            results.update(json.loads(path.read_text()))
+    return results
+
+
+def workload_arguments(parser) -> None:
+    """The arguments of `run_isolated`'s children (`--workload` is public: one workload, here)."""
+    import argparse
+
+    parser.add_argument("--workload", choices=WORKLOADS, default=None,
+                        help="time this workload only, in this process (default: each in a fresh process)")
+    parser.add_argument("--results-to", type=Path, default=None, help=argparse.SUPPRESS)
+
+
 def run_workloads(builders: dict[str, Callable], sizes: Sizes, *, rounds: int, calls: dict, references: dict,
-                  reference: str | None = None, informational=(), modes=("call", "scan")) -> dict:
+                  reference: str | None = None, informational=(), modes=("call", "scan"), workloads=None) -> dict:
     """Time every contestant on W1 (one mode) and W2, W3 (one step per call, and scanned).
 
     Args:
@@ -526,12 +565,13 @@ def run_workloads(builders: dict[str, Callable], sizes: Sizes, *, rounds: int, c
         `tolerance` nats of `value` (an `AssertionError` otherwise, after the table is printed).
       reference, informational: as `summarize`.
       modes: of the training workloads: `"call"` (one step per call) and/or `"scan"`.
+      workloads: which of W1-W3 (default: all three).
 
     Returns:
       `results[workload][mode][name]`, the rows of `summarize` plus `bound`.
     """
     results, failures = {}, []
-    for workload in WORKLOADS:
+    for workload in workloads or WORKLOADS:
         results[workload] = {}
         for mode in ("call",) if workload == "W1" else modes:
             entries = {name: build(workload, mode) for name, build in builders.items()}
@@ -553,9 +593,11 @@ def run_workloads(builders: dict[str, Callable], sizes: Sizes, *, rounds: int, c
                 label += "; " + MODES[mode].format(**sizes._asdict())
             print_table(f"{workload}: {label}", rows)
             results[workload][mode] = rows
-    print("\ncorrectness: every contestant's bound within the stated tolerance of the reference: "
+    print(f"\ncorrectness ({', '.join(results)}): every contestant's bound within the stated tolerance of the reference: "
           + ("yes" if not failures else "NO"))
     for workload, (value, tolerance) in references.items():
+        if workload not in results:
+            continue
         what = f"{value}'s value" if isinstance(value, str) else f"{value:.3f} nats per point"
         print(f"  {workload}: reference {what}, tolerance {tolerance:.3f} nats")
     if failures:

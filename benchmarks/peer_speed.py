@@ -33,7 +33,9 @@ same parameters:
   at once. The networks are the floor's plain JAX functions (TFP has no module system), and the
   step is `jax.value_and_grad` + `optax.adam`, jitted.
 
-A peer whose import fails is skipped with a message. By default each training workload is one
+Each workload runs in a fresh process of its own, as `../shared/PERFORMANCE.md` measured
+(`_workloads.run_isolated`); `--workload W3` times one workload in this process. A peer whose
+import fails is skipped with a message. By default each training workload is one
 step per jitted call; `--scan` adds the per-step cost inside a `lax.scan` of 50 steps. Every
 contestant's first call (trace, compile, one run) is timed; then the contestants take turns, round
 by round; the table gives the median over rounds of each round's median time per step, data points
@@ -198,37 +200,36 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (at least 3)")
     parser.add_argument("--scan", action="store_true", help="also time the steps inside a lax.scan")
     parser.add_argument("--steps-per-call", type=int, default=None, help="steps per lax.scan call (default 50)")
+    w.workload_arguments(parser)
     args = parser.parse_args()
     quick = w.is_quick(args.quick)
-    _report.capture(args.out, "peer_speed", "python benchmarks/peer_speed.py " + " ".join(sys.argv[1:]), quick=quick)
     sizes = w.QUICK if quick else w.FULL
     if args.steps_per_call:
         sizes = sizes._replace(steps_per_call=args.steps_per_call)
     rounds = max(3, args.rounds)
+    modes = ("call", "scan") if args.scan else ("call",)
+    if args.results_to:  # a child of `run_isolated`: time one workload, hand the result back
+        w.write_json(args.results_to, time_workloads(sizes, rounds, quick, modes, (args.workload,)))
+        return
 
+    _report.capture(args.out, "peer_speed", "python benchmarks/peer_speed.py " + " ".join(sys.argv[1:]), quick=quick)
     print(w.machine())
     print(f"IWAE-paper VAE {sizes.data_dim}-{sizes.hidden}-{sizes.hidden}-{sizes.latent_dim}, float32"
           + (" (QUICK: tiny sizes)" if quick else ""))
-    s = w.setup(sizes)
-    builders = {FLOOR: w.floor_builder(s), ELBOJAX: w.elbojax_builder(s)}
-    for name, peer_builder in ((NUMPYRO, numpyro_builder), (TFP, tfp_builder)):
-        build = peer_builder(s)  # None when the peer is not installed
-        if build is not None:
-            builders[name] = build
-    versions = {}
-    for name, module in ((NUMPYRO, "numpyro"), (TFP, "tensorflow_probability")):
-        if name in builders:
-            versions[name] = __import__(module).__version__
+    versions = peer_versions()
     print("peers: " + (", ".join(f"{n} {v}" for n, v in versions.items()) or "none installed"))
-    results = w.run_workloads(
-        builders, sizes, rounds=rounds, calls=w.calls_per_round(quick), references=w.reference_bounds(s, FLOOR),
-        reference=FLOOR, modes=("call", "scan") if args.scan else ("call",),
-    )
+    if args.workload:
+        results = time_workloads(sizes, rounds, quick, modes, (args.workload,))
+    else:
+        print("each workload in a fresh process of its own")
+        child = ["--rounds", str(rounds), "--steps-per-call", str(sizes.steps_per_call)]
+        child += (["--quick"] if quick else []) + (["--scan"] if args.scan else [])
+        results = w.run_isolated(__file__, child)
 
     print(f"\ngoal: elbojax within {GOAL:.2f}x of the hand-written floor and ahead of every peer")
     goal = {}
-    for workload, modes in results.items():
-        for mode, rows in modes.items():
+    for workload, by_mode in results.items():
+        for mode, rows in by_mode.items():
             ratio = rows[ELBOJAX]["ratio"]
             peers = {n: r["ratio"] for n, r in rows.items() if n not in (ELBOJAX, FLOOR)}
             ahead = all(ratio < peer for peer in peers.values())
@@ -242,10 +243,36 @@ def main():
     w.plot(results, figure, "elbojax vs peers", "ratio to the hand-written floor")
     record = {
         "machine": w.machine(), "peers": versions, "quick": quick, "sizes": sizes._asdict(), "rounds": rounds,
+        "one_process_per_workload": not args.workload,
         "results": results, "goal": {"max_ratio_to_floor": GOAL, "workloads": goal},
     }
     w.write_json(args.out / "peer_speed.json", record)
     print(f"\nwrote {figure} and {args.out / 'peer_speed.json'}")
+
+
+def peer_versions() -> dict:
+    """The installed peers' versions (a peer whose import fails is left out)."""
+    versions = {}
+    for name, module in ((NUMPYRO, "numpyro"), (TFP, "tensorflow_probability")):
+        try:
+            versions[name] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - any import failure means: not available here
+            pass
+    return versions
+
+
+def time_workloads(sizes, rounds: int, quick: bool, modes, workloads) -> dict:
+    """Time every contestant on `workloads`, in this process (`run_workloads`' result)."""
+    s = w.setup(sizes)
+    builders = {FLOOR: w.floor_builder(s), ELBOJAX: w.elbojax_builder(s)}
+    for name, peer_builder in ((NUMPYRO, numpyro_builder), (TFP, tfp_builder)):
+        build = peer_builder(s)  # None when the peer is not installed
+        if build is not None:
+            builders[name] = build
+    return w.run_workloads(
+        builders, sizes, rounds=rounds, calls=w.calls_per_round(quick), references=w.reference_bounds(s, FLOOR),
+        reference=FLOOR, modes=modes, workloads=workloads,
+    )
 
 
 if __name__ == "__main__":

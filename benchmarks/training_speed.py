@@ -44,6 +44,10 @@ bounds and gradient norms equal the hand-written ones to float tolerance (the ha
 is fed elbojax's own noise); and every contestant's reported bound lies within a few standard
 deviations of the hand-written bound over independent draws (W1: within 1 nat).
 
+Each workload runs in a fresh process of its own, as `../shared/PERFORMANCE.md` measured (see
+`_workloads.py`: in one process, the earlier workloads' large temporaries made every later W3
+call page-fault); `--workload W3` times one workload in this process.
+
 Usage::
 
     python benchmarks/training_speed.py           # a few minutes on 2 CPU cores
@@ -75,28 +79,30 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (at least 3)")
     parser.add_argument("--steps-per-call", type=int, default=None, help="steps per lax.scan call (default 50)")
+    w.workload_arguments(parser)
     args = parser.parse_args()
     quick = w.is_quick(args.quick)
-    _report.capture(args.out, "training_speed", "python benchmarks/training_speed.py " + " ".join(sys.argv[1:]), quick=quick)
     sizes = w.QUICK if quick else w.FULL
     if args.steps_per_call:
         sizes = sizes._replace(steps_per_call=args.steps_per_call)
     rounds = max(3, args.rounds)
+    if args.results_to:  # a child of `run_isolated`: time one workload, hand the result back
+        w.write_json(args.results_to, time_workloads(sizes, rounds, quick, (args.workload,)))
+        return
 
+    _report.capture(args.out, "training_speed", "python benchmarks/training_speed.py " + " ".join(sys.argv[1:]), quick=quick)
     print(w.machine())
     print(f"IWAE-paper VAE {sizes.data_dim}-{sizes.hidden}-{sizes.hidden}-{sizes.latent_dim}, float32"
           + (" (QUICK: tiny sizes)" if quick else ""))
+    if args.workload:
+        results = time_workloads(sizes, rounds, quick, (args.workload,))
+    else:
+        print("each workload in a fresh process of its own")
+        child = ["--rounds", str(rounds)] + (["--quick"] if quick else []) + ["--steps-per-call", str(sizes.steps_per_call)]
+        results = w.run_isolated(__file__, child)
     s = w.setup(sizes)
-    builders = {FLOOR: w.floor_builder(s), ELBOJAX: w.elbojax_builder(s)}
-    builders[UNCHECKED] = w.elbojax_builder(s, workloads=("W2", "W3"), unchecked=True)  # for information
-    if not quick:  # for information only; left out of --quick to keep it short
-        builders[DEFAULT_KL] = w.elbojax_builder(s, kl="auto", workloads=("W3",))
-    results = w.run_workloads(
-        builders, sizes, rounds=rounds, calls=w.calls_per_round(quick),
-        references=w.reference_bounds(s, FLOOR), informational=(UNCHECKED, DEFAULT_KL),
-    )
-    exact = w.check_elbojax_against_floor(s, builders[ELBOJAX])
-    print("same parameters, same draws (elbojax's noise fed to the hand-written loss): equal")
+    exact = w.check_elbojax_against_floor(s, w.elbojax_builder(s))
+    print("\nsame parameters, same draws (elbojax's noise fed to the hand-written loss): equal")
     for workload, row in exact.items():
         print(f"  {workload}: bound {row['elbojax_bound']:.4f} vs {row['floor_bound']:.4f}; "
               f"gradient norm {row['elbojax_grad_norm']:.4f} vs {row['floor_grad_norm']:.4f}")
@@ -114,10 +120,24 @@ def main():
     w.plot(results, figure, "elbojax vs hand-written JAX", "ratio to the fastest")
     record = {
         "machine": w.machine(), "quick": quick, "sizes": sizes._asdict(), "rounds": rounds,
+        "one_process_per_workload": not args.workload,
         "same_draws_check": exact, "results": results, "goal": {"max_ratio": GOAL, "workloads": goal},
     }
     w.write_json(args.out / "training_speed.json", record)
     print(f"\nwrote {figure} and {args.out / 'training_speed.json'}")
+
+
+def time_workloads(sizes, rounds: int, quick: bool, workloads) -> dict:
+    """Time every contestant on `workloads`, in this process (`run_workloads`' result)."""
+    s = w.setup(sizes)
+    builders = {FLOOR: w.floor_builder(s), ELBOJAX: w.elbojax_builder(s)}
+    builders[UNCHECKED] = w.elbojax_builder(s, workloads=("W2", "W3"), unchecked=True)  # for information
+    if not quick:  # for information only; left out of --quick to keep it short
+        builders[DEFAULT_KL] = w.elbojax_builder(s, kl="auto", workloads=("W3",))
+    return w.run_workloads(
+        builders, sizes, rounds=rounds, calls=w.calls_per_round(quick), workloads=workloads,
+        references=w.reference_bounds(s, FLOOR), informational=(UNCHECKED, DEFAULT_KL),
+    )
 
 
 if __name__ == "__main__":

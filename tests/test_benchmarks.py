@@ -11,10 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script, out_dir):
+def _run(script, out_dir, *arguments):
     env = dict(os.environ, ELBOJAX_QUICK="1")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out_dir)],
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out_dir), *arguments],
         capture_output=True,
         text=True,
         timeout=300,
@@ -64,9 +64,18 @@ def test_training_speed_runs(tmp_path):
     assert "same draws" in stdout  # elbojax's bound and gradient equal the hand-written ones on its own draws
     record = json.loads((tmp_path / "training_speed.json").read_text())
     assert set(record["results"]) == {"W1", "W2", "W3"} and set(record["results"]["W2"]) == {"call", "scan"}
+    assert record["one_process_per_workload"] and stdout.count("correctness (") == 3  # one report per process
     unchecked = "elbojax, unchecked (no finite check)"  # the check's cost, for information: one step per call only
     assert record["results"]["W3"]["call"][unchecked]["informational"] and unchecked not in record["results"]["W3"]["scan"]
     assert (tmp_path / "training_speed.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_training_speed_times_one_workload_in_its_own_process(tmp_path):
+    stdout = _run("training_speed.py", tmp_path, "--workload", "W3")
+    record = json.loads((tmp_path / "training_speed.json").read_text())
+    assert set(record["results"]) == {"W3"} and not record["one_process_per_workload"]
+    assert "fresh process" not in stdout and "W3 (call)" in stdout and "W1 (call)" not in stdout
 
 
 @pytest.mark.slow
