@@ -81,6 +81,8 @@ def main():
     parser.add_argument("--steps-per-call", type=int, default=None, help="steps per lax.scan call (default 50)")
     w.workload_arguments(parser)
     args = parser.parse_args()
+    if args.results_to and not args.workload:
+        parser.error("--results-to needs --workload")
     quick = w.is_quick(args.quick)
     sizes = w.QUICK if quick else w.FULL
     if args.steps_per_call:

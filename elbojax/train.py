@@ -318,9 +318,10 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
     the whole gradient and its check (the one-sample ELBO step of the IWAE model per call, 121
     paired rounds: 1.070 -> 1.045 of the hand-written step, 1.014 unchecked). Inside a scan that
     form would cost a copy of the carry per step, hence the two.
-    `step.unchecked` applies every update without checking the gradient
-    (`finite` reflects the loss only, `grad_norm` is NaN): the body of `make_multi_step`'s
-    first pass, which checks the state the steps end with instead.
+
+    `step.unchecked` applies every update without checking the gradient (`finite` reflects the
+    loss only, `grad_norm` is NaN): the body of `make_multi_step`'s first pass, which checks the
+    state the steps end with instead.
     """
     base_key = jax.random.key(seed)
 
