@@ -524,7 +524,7 @@ class Entry(NamedTuple):
     bound: Callable
 
 
-def run_isolated(script: str, arguments: list[str], workloads=None) -> dict:
+def run_isolated(script: str, arguments: list[str]) -> dict:
     """Run `script` once per workload, each in a fresh process, and merge what they measured.
 
     Each child is `python script *arguments --workload W --results-to FILE`: it times workload
@@ -532,9 +532,10 @@ def run_isolated(script: str, arguments: list[str], workloads=None) -> dict:
     `run_workloads` result to `FILE`. A child that fails (a bound outside its tolerance among
     others) stops the run with its exit status.
     """
+    print("each workload in a fresh process of its own")
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        for workload in workloads or WORKLOADS:
+        for workload in WORKLOADS:
             path = Path(folder, f"{workload}.json")
             command = [sys.executable, script, *arguments, "--workload", workload, "--results-to", str(path)]
             child = subprocess.run(command, stdout=subprocess.PIPE, text=True)
@@ -545,13 +546,18 @@ def run_isolated(script: str, arguments: list[str], workloads=None) -> dict:
     return results
 
 
-def workload_arguments(parser) -> None:
-    """The arguments of `run_isolated`'s children (`--workload` is public: one workload, here)."""
+def parse_arguments(parser):
+    """`parser.parse_args()` with `run_isolated`'s arguments added (`--workload` is public: one
+    workload, in this process; `--results-to` is the children's) and checked."""
     import argparse
 
     parser.add_argument("--workload", choices=WORKLOADS, default=None,
                         help="time this workload only, in this process (default: each in a fresh process)")
     parser.add_argument("--results-to", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.results_to and not args.workload:
+        parser.error("--results-to needs --workload")
+    return args
 
 
 def run_workloads(builders: dict[str, Callable], sizes: Sizes, *, rounds: int, calls: dict, references: dict,

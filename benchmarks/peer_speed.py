@@ -200,10 +200,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (at least 3)")
     parser.add_argument("--scan", action="store_true", help="also time the steps inside a lax.scan")
     parser.add_argument("--steps-per-call", type=int, default=None, help="steps per lax.scan call (default 50)")
-    w.workload_arguments(parser)
-    args = parser.parse_args()
-    if args.results_to and not args.workload:
-        parser.error("--results-to needs --workload")
+    args = w.parse_arguments(parser)
     quick = w.is_quick(args.quick)
     sizes = w.QUICK if quick else w.FULL
     if args.steps_per_call:
@@ -223,7 +220,6 @@ def main():
     if args.workload:
         results = time_workloads(sizes, rounds, quick, modes, (args.workload,))
     else:
-        print("each workload in a fresh process of its own")
         child = ["--rounds", str(rounds), "--steps-per-call", str(sizes.steps_per_call)]
         child += (["--quick"] if quick else []) + (["--scan"] if args.scan else [])
         results = w.run_isolated(__file__, child)

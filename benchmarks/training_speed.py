@@ -79,10 +79,7 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--rounds", type=int, default=5, help="alternated rounds (at least 3)")
     parser.add_argument("--steps-per-call", type=int, default=None, help="steps per lax.scan call (default 50)")
-    w.workload_arguments(parser)
-    args = parser.parse_args()
-    if args.results_to and not args.workload:
-        parser.error("--results-to needs --workload")
+    args = w.parse_arguments(parser)
     quick = w.is_quick(args.quick)
     sizes = w.QUICK if quick else w.FULL
     if args.steps_per_call:
@@ -99,7 +96,6 @@ def main():
     if args.workload:
         results = time_workloads(sizes, rounds, quick, (args.workload,))
     else:
-        print("each workload in a fresh process of its own")
         child = ["--rounds", str(rounds)] + (["--quick"] if quick else []) + ["--steps-per-call", str(sizes.steps_per_call)]
         results = w.run_isolated(__file__, child)
     s = w.setup(sizes)
