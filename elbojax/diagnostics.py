@@ -185,7 +185,8 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
     tail_length = _tail_length(num_samples)
     log_weights = jax.lax.stop_gradient(log_weights)
 
-    largest = jnp.max(log_weights)
+    # NaN if any log-weight is: on CPU, XLA's `max` over 4096 entries or more skips NaN.
+    largest = jnp.where(jnp.any(jnp.isnan(log_weights)), jnp.nan, jnp.max(log_weights))
     shifted = log_weights - jnp.where(jnp.isfinite(largest), largest, 0.0)
     ordered = jnp.sort(shifted)
     # Flooring u at `tiny` (relative to the largest weight) keeps every y_i / u a finite float.

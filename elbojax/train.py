@@ -467,13 +467,17 @@ def make_multi_step(step, *, check: str = "call"):
 
 
 def _all_finite(tree) -> jax.Array:
-    """Whether every floating entry of `tree` is finite: one largest-magnitude reduction per leaf.
+    """Whether every floating entry of `tree` is finite: one integer `min` of `isfinite` per leaf.
 
-    XLA's `max` propagates NaN, and unlike a sum it cannot overflow (large but finite Adam
-    moments never send a call to its re-run).
+    Not `isfinite(max(abs(leaf)))`: on CPU, XLA's `max` over 4096 entries or more skips a NaN
+    (its fast min/max), so one NaN entry of a large kernel or of its Adam moments went unseen.
+    Not a sum either: a sum of large but finite Adam moments could overflow and send a finite call
+    to its re-run. The `uint8` minimum is exact, and the fastest of the exact forms measured
+    (about 0.16 ms for the IWAE model's parameters and Adam moments on 2 CPU cores).
     """
-    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-    return functools.reduce(jnp.logical_and, (jnp.isfinite(jnp.max(jnp.abs(leaf))) for leaf in leaves), jnp.bool_(True))
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) and jnp.size(leaf)]
+    flags = (jnp.min(jnp.isfinite(leaf).astype(jnp.uint8)) == 1 for leaf in leaves)
+    return functools.reduce(jnp.logical_and, flags, jnp.bool_(True))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -169,6 +169,11 @@ def test_pareto_k_hat_special_values():
     assert k_hat(normal.at[3].set(jnp.inf)) == jnp.inf
     assert np.isfinite(k_hat(normal.at[3].set(-jnp.inf)))  # one zero weight is just a weight
     assert jax.jit(jax.grad(diagnostics.pareto_k_hat))(normal).tolist() == [0.0] * 100
+    # K = 5000, as in `train.evaluate`: XLA's `max` over 4096 entries or more skips a NaN on CPU.
+    large = jnp.asarray(np.random.default_rng(3).normal(size=5000), jnp.float32)
+    for weights in (large.at[17].set(jnp.nan), jnp.full(5000, jnp.nan), large.at[:4999].set(jnp.nan)):
+        assert jnp.isnan(jax.jit(diagnostics.pareto_k_hat)(weights))
+    assert jax.jit(diagnostics.pareto_k_hat)(large.at[17].set(jnp.inf)) == jnp.inf
 
 
 def test_pareto_k_hat_argument_errors():

@@ -245,3 +245,9 @@ def test_the_once_per_call_state_check_flags_any_non_finite_entry_and_nothing_el
         for position in ((0, 0), (3, 2), (6, 4)):
             assert not bool(_all_finite({**tree, "a": tree["a"].at[position].set(bad)})), (bad, position)
     assert bool(_all_finite({"big": jnp.full((1000,), 3e38, jnp.float32)}))  # large moments: no false alarm
+    # A kernel of the IWAE model: XLA's `max` over 4096 entries or more skips a NaN on CPU.
+    kernel = jnp.ones((784, 200), jnp.float32)
+    assert bool(_all_finite(kernel)) and bool(jax.jit(_all_finite)(kernel))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        for position in ((0, 0), (300, 7), (783, 199)):
+            assert not bool(jax.jit(_all_finite)(kernel.at[position].set(bad))), (bad, position)
