@@ -234,6 +234,9 @@ def test_the_steps_gradient_norm_is_optaxs_and_flags_what_is_not_finite(x64):
         assert not np.isfinite(_global_norm({**tree, "a": tree["a"].at[3, 2].set(bad)}))
         assert not np.isfinite(_global_norm({**tree, "b": [tree["b"][0].at[1].set(bad), *tree["b"][1:]]}))
     assert not np.isfinite(_global_norm({"big": jnp.full((4,), 1e30, jnp.float32)}))  # its square overflows
+    kernel = jnp.ones((784, 200), jnp.float32)  # large enough that XLA's CPU `max` would skip a NaN
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert not np.isfinite(jax.jit(_global_norm)({"w": kernel.at[300, 7].set(bad), "b": jnp.ones(200)}))
 
 
 def test_the_once_per_call_state_check_flags_any_non_finite_entry_and_nothing_else():
