@@ -445,25 +445,51 @@ def make_multi_step(step, *, check: str = "call"):
     the parameters stay finite either way. In the steps that ran unchecked,
     `StepInfo.grad_norm` is NaN. `check="step"` checks every step, with its gradient norm.
 
+    A checked step skips a non-finite loss or gradient, but a finite gradient can still give a
+    non-finite update (an infinite learning rate, parameters near the largest float). With a
+    step from `make_step`, either check form therefore also checks the state the checked steps
+    end with; if it is not finite, the whole call is undone: the state it was given comes back
+    with every one of its $S$ steps counted as skipped (`StepInfo.finite` all False), so that
+    no NaN reaches the parameters and `fit` stops after `max_skipped_in_a_row` such steps.
+
     A step without `unchecked` (your own) is scanned as it is, using `step.in_loop` where it
     has one.
     """
     if check not in ("call", "step"):
         raise ValueError(f"`check` must be 'call' or 'step', got {check!r}.")
     body = getattr(step, "in_loop", step)
-    unchecked = getattr(step, "unchecked", None) if check == "call" else None
+    ours = hasattr(step, "unchecked")  # a step from `make_step`: its state is a `TrainState`
+    unchecked = step.unchecked if ours and check == "call" else None
 
     def scan(fn, state, batches, indices):
         return jax.lax.scan(lambda s, xs: fn(s, *xs), state, (batches, indices))
 
+    def checked(state, batches, indices):
+        result = scan(body, state, batches, indices)
+        if not ours:
+            return result
+        ok = _all_finite((result[0].params, result[0].opt_state))
+        return _unless_replaced(ok, result, lambda: _call_skipped(state, result[1]))
+
     def multi_step(state: TrainState, batches, indices):
         if unchecked is None:
-            return scan(body, state, batches, indices)
+            return checked(state, batches, indices)
         fast = scan(unchecked, state, batches, indices)
         ok = jnp.all(fast[1].finite) & _all_finite((fast[0].params, fast[0].opt_state))
-        return _unless_replaced(ok, fast, lambda: scan(body, state, batches, indices))
+        return _unless_replaced(ok, fast, lambda: checked(state, batches, indices))
 
     return multi_step
+
+
+def _call_skipped(state: TrainState, info: StepInfo):
+    """`state` after a call whose $S$ steps were all skipped (`info`: the call's `(S,)` infos)."""
+    num_steps = info.finite.shape[0]
+    skipped = state._replace(
+        step=state.step + num_steps,
+        num_skipped=state.num_skipped + num_steps,
+        skipped_in_a_row=state.skipped_in_a_row + num_steps,
+    )
+    return skipped, info._replace(finite=jnp.zeros_like(info.finite))
 
 
 def _all_finite(tree) -> jax.Array:
@@ -655,7 +681,10 @@ def fit(
     with open(metrics_path, "a") if primary else _Discard() as metrics:
         while int(state.step) < config.num_steps:
             first = int(state.step)
-            count = min(config.steps_per_call, config.num_steps - first)
+            # Calls end on multiples of `steps_per_call` (so checkpoints fall on multiples of
+            # `checkpoint_every`), also after a resume from a step that is not one: the end of a
+            # shorter run, later extended.
+            count = min(config.steps_per_call - first % config.steps_per_call, config.num_steps - first)
             batches, indices = _batches_for(images, config, first, count, mesh, observed)
             began = time.perf_counter()
             state, info = multi_step(state, batches, indices)
@@ -673,19 +702,36 @@ def fit(
             bar.set_postfix(bound=f"{objective_mean:.2f}")
             step = int(state.step)
             if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
-                manager.save(step, args=ocp.args.StandardSave(state), force=True)
-                manager.wait_until_finished()
+                _save(manager, step, state)
                 raise RuntimeError(
                     f"Stopped at step {step}: {int(state.skipped_in_a_row)} steps in a row had a non-finite "
-                    "loss or gradient (skipped, parameters untouched). Lower the learning rate or check "
+                    "loss, gradient or update (skipped, parameters untouched). Lower the learning rate or check "
                     f"the data and the model; the last good state is checkpointed in {run_dir / 'checkpoints'}."
                 )
             if step % config.checkpoint_every == 0 or step == config.num_steps:
-                manager.save(step, args=ocp.args.StandardSave(state), force=True)
-                manager.wait_until_finished()
+                _save(manager, step, state)
     bar.close()
     manager.close()
     return state
+
+
+def _save(manager, step: int, state: TrainState) -> None:
+    """Checkpoint `state` as step `step`, refusing non-finite parameters or optimizer state.
+
+    `make_multi_step` never returns such a state (a call whose steps end non-finite is undone),
+    so this guards the checkpoints, the last good one included, against a bug rather than
+    against the data.
+    """
+    import orbax.checkpoint as ocp
+
+    leaves = jax.tree.leaves(distributed.to_host((state.params, state.opt_state)))
+    if not all(np.isfinite(leaf).all() for leaf in leaves if np.issubdtype(leaf.dtype, np.inexact)):
+        raise RuntimeError(
+            f"Refusing to checkpoint step {step}: the parameters or optimizer state hold NaN or "
+            f"infinite entries; the checkpoints in {manager.directory} are kept as they are."
+        )
+    manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
 
 
 class _Discard:
@@ -761,7 +807,9 @@ class Evaluation(NamedTuple):
     Attributes:
       log_likelihood: mean importance-sampled $\\log \\hat p(x)$ with K samples.
       log_likelihood_se: its standard error over data points.
-      bits_per_dim: $-\\log \\hat p(x) / (D \\ln 2)$.
+      bits_per_dim: $-\\log \\hat p(x) / (D \\ln 2)$ for binary data (a Bernoulli likelihood,
+        a probability); NaN for a density (a Gaussian likelihood), whose log-density has no
+        meaning in bits without discretized data.
       elbo: mean ELBO (Monte Carlo, `elbo_samples` per point).
       kl: mean $\\mathrm{KL}(q(z \\mid x) \\,\\|\\, p(z))$: closed form where the model has it,
         else a Monte Carlo estimate with `elbo_samples` samples (NaN without `log_prior`).
@@ -825,7 +873,8 @@ def evaluate(
     from elbojax.estimators import importance_log_marginal
 
     data = np.asarray(data)
-    data_lib.check_for_likelihood(data, _likelihood_of(graphdef, params), "data")
+    likelihood = _likelihood_of(graphdef, params)
+    data_lib.check_for_likelihood(data, likelihood, "data")
     if data.ndim != 2 or data.shape[0] < 1:
         raise ValueError(f"`data` must have shape (N, D) with N >= 1, got {data.shape}.")
     mesh = distributed.data_mesh(1) if mesh is None else mesh
@@ -870,7 +919,7 @@ def evaluate(
     return Evaluation(
         log_likelihood=float(log_px.mean()),
         log_likelihood_se=float(log_px.std(ddof=1) / np.sqrt(log_px.size)) if log_px.size > 1 else float("nan"),
-        bits_per_dim=float(-log_px.mean() / (data.shape[1] * np.log(2.0))),
+        bits_per_dim=float(-log_px.mean() / (data.shape[1] * np.log(2.0))) if likelihood == "bernoulli" else float("nan"),
         elbo=float(bounds.mean()),
         kl=float(kls.mean()),
         kl_per_dimension=per_dim_mean,

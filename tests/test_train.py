@@ -210,6 +210,21 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert kept == ["30", "40"], kept  # the last two
 
 
+def test_a_run_extended_from_a_step_between_calls_keeps_its_checkpoints(tmp_path):
+    """A 23-step run (calls of 5: its last is 3 steps) extended to 45: the first call after the
+    resume is 2 steps long, so that checkpoints fall on multiples of `checkpoint_every` again."""
+    def fit(run_dir, num_steps):
+        graphdef, state, _ = _fresh()
+        config = CONFIG._replace(num_steps=num_steps, keep_checkpoints=10)
+        return train.fit(graphdef, state, optax.adam(1e-2), train.objective("iwae", num_samples=4), IMAGES, run_dir=run_dir, config=config, progress=False)
+
+    fit(tmp_path / "split", 23)
+    assert _finished_checkpoints(tmp_path / "split" / "checkpoints") and sorted(_finished_checkpoints(tmp_path / "split" / "checkpoints")) == [10, 20, 23]
+    extended = fit(tmp_path / "split", 45)
+    assert sorted(_finished_checkpoints(tmp_path / "split" / "checkpoints")) == [10, 20, 23, 30, 40, 45]
+    _assert_same_params(extended, fit(tmp_path / "whole", 45))
+
+
 def test_a_checkpoint_in_the_older_nnx_state_layout_resumes(tmp_path):
     """Checkpoints written when `TrainState.params` was an `nnx.State` (each leaf under a `value` key) still load."""
     import orbax.checkpoint as ocp
@@ -299,8 +314,32 @@ def test_fit_refuses_bad_data_and_config(tmp_path):
 def test_fit_stops_after_too_many_non_finite_steps(tmp_path):
     graphdef, state, _ = _fresh(lr=1e30)  # diverges at once
     per_point = train.objective("elbo", num_samples=1)
-    with pytest.raises(RuntimeError, match=r"steps in a row had a non-finite loss or gradient"):
+    with pytest.raises(RuntimeError, match=r"steps in a row had a non-finite loss, gradient or update"):
         train.fit(graphdef, state, optax.sgd(1e30), per_point, IMAGES, run_dir=tmp_path, config=CONFIG._replace(max_skipped_in_a_row=3, num_steps=400), progress=False)
+    # What it checkpointed as the last good state is finite.
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((tmp_path / "checkpoints").absolute())
+    last = train.restore(manager, state)
+    manager.close()
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((last.params, last.opt_state)))
+
+
+@pytest.mark.parametrize("check", ["call", "step"])
+def test_a_call_whose_finite_gradients_give_a_non_finite_update_is_undone(setup, check):
+    """An infinite learning rate: every gradient is finite, the first update is not. No check of
+    the gradient sees it; the check of the state the call ends with does, and undoes the call."""
+    data = setup
+    model = LinearVAE(6, 2, rngs=nnx.Rngs(0))
+    optimizer = optax.sgd(float("inf"))
+    graphdef, state = train.init(model, optimizer)
+    step = train.make_step(graphdef, optimizer, train.objective("elbo", num_samples=2), seed=7)
+    indices = jnp.arange(24).reshape(3, 8)
+    new_state, info = jax.jit(train.make_multi_step(step, check=check))(state, data[indices], indices)
+    assert info.finite.tolist() == [False] * 3
+    assert (int(new_state.step), int(new_state.num_skipped), int(new_state.skipped_in_a_row)) == (3, 3, 3)
+    for a, b in zip(jax.tree.leaves((new_state.params, new_state.opt_state)), jax.tree.leaves((state.params, state.opt_state))):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_evaluate_reports_consistent_numbers(setup):
@@ -322,3 +361,7 @@ def test_evaluate_reports_consistent_numbers(setup):
     graphdef, state, _ = _fresh()
     plain = train.evaluate(graphdef, state.params, binary, num_samples=100, chunk_size=50, elbo_samples=10)
     assert np.isnan(plain.kl) and np.isfinite(plain.log_likelihood) and plain.latent_dim == 2
+    # A density (Gaussian likelihood) has no bits per dimension without discretized data.
+    gaussian = models.VAE(models.GaussianMLPEncoder(6, 2, (8,), rngs=rngs), models.GaussianMLPDecoder(2, 6, (8,), rngs=rngs), models.StandardNormalPrior(2))
+    real = train.evaluate(*nnx.split(gaussian, nnx.Param), np.asarray(setup)[:6], num_samples=100, chunk_size=50, elbo_samples=10)
+    assert np.isfinite(real.log_likelihood) and np.isnan(real.bits_per_dim)
