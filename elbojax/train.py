@@ -469,7 +469,7 @@ def make_multi_step(step, *, check: str = "call"):
         if not ours:
             return result
         ok = _all_finite((result[0].params, result[0].opt_state))
-        return _unless_replaced(ok, result, lambda: _call_skipped(state, result[1]))
+        return _unless_replaced(ok, result, lambda: _call_skipped(state, result[1], ok))
 
     def multi_step(state: TrainState, batches, indices):
         if unchecked is None:
@@ -481,10 +481,17 @@ def make_multi_step(step, *, check: str = "call"):
     return multi_step
 
 
-def _call_skipped(state: TrainState, info: StepInfo):
-    """`state` after a call whose $S$ steps were all skipped (`info`: the call's `(S,)` infos)."""
+def _call_skipped(state: TrainState, info: StepInfo, ok):
+    """`state` after a call whose $S$ steps were all skipped (`info`: the call's `(S,)` infos).
+
+    Computed only where `ok` is False; the parameters and optimizer state are re-selected with it
+    (`_reselected`), so that XLA does not copy the state inside the loop that holds this branch.
+    """
     num_steps = info.finite.shape[0]
+    params, opt_state = jax.tree.map(lambda leaf: _reselected(leaf, ok), (state.params, state.opt_state))
     skipped = state._replace(
+        params=params,
+        opt_state=opt_state,
         step=state.step + num_steps,
         num_skipped=state.num_skipped + num_steps,
         skipped_in_a_row=state.skipped_in_a_row + num_steps,
