@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +22,7 @@ DATA_CHOICES = ("embedded", "mnist", "fashion-mnist", "binarized-mnist")
 DEFAULT_STEPS = 3000
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential")
+FLOAT32_MAX = 3.4028234663852886e38  # learning rate, beta and free bits become float32 in the step
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,12 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     run = train.add_argument_group("run")
     run.add_argument("--config", type=Path, default=None, help="a JSON file of settings (e.g. a run's config.json)")
     run.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="the run folder (default: runs/default)")
-    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint (settings not given come from its config.json)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true")
     data = train.add_argument_group("data")
     data.add_argument("--data", choices=DATA_CHOICES, default="embedded")
-    data.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: $ELBOJAX_DATA_DIR or ~/.cache/elbojax)")
+    data.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: $ELBOJAX_DATA_DIR or ~/.cache/elbojax); kept in the run's config.json")
     data.add_argument("--download", action="store_true", help="download missing data files into --data-dir")
     model = train.add_argument_group("model")
     model.add_argument("--model", choices=("vae", "two-layer"), default="vae", help="vae: one stochastic layer; two-layer: the IWAE paper's 784-200-200-100-100-50 model")
@@ -72,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test set")
     evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: the run's own, from its config.json)")
     evaluate.add_argument("--eval-samples", type=int, default=5000)
     evaluate.add_argument("--eval-points", type=int, default=0, help="test points (default 0: all)")
     evaluate.add_argument("--gaps", action="store_true", help="also the approximation and amortization gaps (Cremer et al. 2018): a table, gaps.png and gaps.json")
@@ -82,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
     impute = commands.add_parser("impute", help="hide part of test digits and complete them with a trained run (importance resampling)")
     impute.add_argument("run_dir", type=Path)
+    impute.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: the run's own, from its config.json)")
     impute.add_argument("--hide", choices=("top", "bottom", "left", "right"), default="top", help="the half of each digit to hide (default top)")
     impute.add_argument("--points", type=int, default=8, help="test digits to complete (default 8)")
     impute.add_argument("--imputations", type=int, default=6, help="completions per digit (default 6)")
@@ -142,40 +147,73 @@ def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _parse(argv):
-    """Parse the command line; for `train`, settings from `--config` fill in what the flags leave unset."""
+    """Parse the command line. For `train`, settings from `--config` fill in what the flags leave
+    unset, and on `--resume` the run's own config.json fills in what both leave unset;
+    `args.given` names the settings given (on the command line or in `--config`)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.command != "train" or args.config is None:
+    if args.command != "train":
         return args
     train = _train_parser(parser)
-    try:
-        settings = json.loads(args.config.read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"elbojax: --config {args.config} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"elbojax: --config {args.config} is not valid JSON: {error}") from None
-    if not isinstance(settings, dict):
-        raise SystemExit(f"elbojax: --config {args.config} must hold a JSON object of settings, got {type(settings).__name__}")
     actions = {action.dest: action for action in train._actions if action.dest not in ("help", "config")}
+    settings = {}
+    if args.config is not None:
+        try:
+            settings = json.loads(args.config.read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"elbojax: --config {args.config} does not exist") from None
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"elbojax: --config {args.config} is not valid JSON: {error}") from None
+        settings = _settings(settings, actions, f"--config {args.config}")
+        train.set_defaults(**settings)
+        args = parser.parse_args(argv)
+    given = _given_flags(argv) | set(settings)
+    saved = args.run_dir / "config.json"
+    if args.resume and saved.exists():  # (without one, _resolve_run says so)
+        try:
+            run_settings = json.loads(saved.read_text())
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"elbojax: {saved} is not valid JSON: {error}") from None
+        run_settings = _settings(run_settings, actions, str(saved))
+        # Not --steps: left out, a resumed run keeps its own length (_config_from, _resolve_run).
+        train.set_defaults(**{name: value for name, value in run_settings.items() if name not in given and name != "steps"})
+        args = parser.parse_args(argv)
+    args.given = given
+    return args
+
+
+def _settings(settings, actions: dict, source: str) -> dict:
+    """Settings from a JSON object (a --config file or a run's config.json), as the flags would parse them."""
+    if not isinstance(settings, dict):
+        raise SystemExit(f"elbojax: {source} must hold a JSON object of settings, got {type(settings).__name__}")
     unknown = sorted(set(settings) - set(actions))
     if unknown:
-        raise SystemExit(f"elbojax: --config {args.config} has unknown settings {unknown}; known: {sorted(actions)}")
+        raise SystemExit(f"elbojax: {source} has unknown settings {unknown}; known: {sorted(actions)}")
+    parsed = {}
     for name, value in settings.items():
         action = actions[name]
         if name == "hidden" and isinstance(value, list):
             value = ",".join(str(v) for v in value)
-        value = _setting(action, name, value, args.config)
+        value = _setting(action, name, value, source)
         if action.choices is not None and value not in action.choices:
-            raise SystemExit(f"elbojax: --config {args.config}: {name} must be one of {list(action.choices)}, got {value!r}")
-        settings[name] = value
-    train.set_defaults(**settings)
-    return parser.parse_args(argv)
+            raise SystemExit(f"elbojax: {source}: {name} must be one of {list(action.choices)}, got {value!r}")
+        parsed[name] = value
+    return parsed
 
 
-def _setting(action: argparse.Action, name: str, value, source: Path):
-    """A --config value as the flag would parse it; JSON of the wrong kind is an error, never coerced."""
+def _given_flags(argv) -> set[str]:
+    """The `train` settings named on the command line (not defaults, not --config), however
+    spelled: `--flag value`, `--flag=value`, an abbreviation or a short option."""
+    parser = _parser()
+    for action in _train_parser(parser)._actions:
+        action.default = argparse.SUPPRESS  # so only what the command line sets is in the namespace
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _setting(action: argparse.Action, name: str, value, source: str):
+    """A JSON setting as the flag would parse it; JSON of the wrong kind is an error, never coerced."""
     def wrong(kind: str):
-        raise SystemExit(f"elbojax: --config {source}: {name} must be {kind}, got {value!r}")
+        raise SystemExit(f"elbojax: {source}: {name} must be {kind}, got {value!r}")
 
     if value is None:
         return None if action.default is None else wrong("set (it has no null value)")
@@ -184,7 +222,12 @@ def _setting(action: argparse.Action, name: str, value, source: Path):
     if action.type is int:
         return int(value) if isinstance(value, int) and not isinstance(value, bool) else wrong("an integer")
     if action.type is float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else wrong("a number")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            wrong("a number")
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float's range: refused by the range checks of _config_from
+            return math.inf if value > 0 else -math.inf
     if action.type is not None:
         return action.type(value) if isinstance(value, str) else wrong("a string")
     return value
@@ -217,12 +260,10 @@ def _config_from(args) -> dict:
         raise SystemExit(f"elbojax: --eval-points must be >= 0 (0 for all), got {args.eval_points}")
     if args.checkpoint_every % args.steps_per_call:
         raise SystemExit(f"elbojax: --checkpoint-every ({args.checkpoint_every}) must be a multiple of --steps-per-call ({args.steps_per_call})")
-    if not args.learning_rate > 0:
-        raise SystemExit(f"elbojax: --learning-rate must be > 0, got {args.learning_rate}")
-    if not args.beta >= 0:
-        raise SystemExit(f"elbojax: --beta must be >= 0, got {args.beta}")
-    if args.free_bits is not None and not args.free_bits >= 0:
-        raise SystemExit(f"elbojax: --free-bits must be >= 0, got {args.free_bits}")
+    for name, bound in (("learning_rate", "> 0"), ("beta", ">= 0"), ("free_bits", ">= 0")):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value <= FLOAT32_MAX and (value > 0 if bound == "> 0" else value >= 0)):
+            raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be {bound} and finite in float32 (at most {FLOAT32_MAX:.4g}), got {value}")
     if args.model == "two-layer" and (args.prior != "standard" or args.decoder != "bernoulli"):
         raise SystemExit("elbojax: --model two-layer has its own hierarchical prior and a Bernoulli decoder; leave --prior and --decoder at their defaults")
     config = {name: getattr(args, name) for name in (
@@ -231,6 +272,8 @@ def _config_from(args) -> dict:
         "lr_warmup", "batch_size", "steps", "seed", "steps_per_call", "checkpoint_every",
     )}
     config["hidden"] = _hidden(args.hidden)
+    # Absolute, so that `evaluate RUN` and `load_run` find the data from anywhere; None: the default folder.
+    config["data_dir"] = None if args.data_dir is None else os.path.abspath(os.path.expanduser(args.data_dir))
     # Incompatible choices are refused now, before any data are loaded.
     try:
         _objective(config)
@@ -380,7 +423,7 @@ def _record_environment(run_dir: Path, argv: list[str]) -> None:
 
 def _resolve_run(args, config: dict) -> dict:
     """The run's settings: the flags' for a new run; the checkpoint's own on --resume (with a
-    longer --steps if given). Checks the run folder; writes nothing."""
+    longer --steps and another --data-dir if given). Checks the run folder; writes nothing."""
     from elbojax import distributed
 
     run_dir: Path = args.run_dir
@@ -401,17 +444,11 @@ def _resolve_run(args, config: dict) -> dict:
         if checkpoints and config["steps"] < max(checkpoints):
             raise SystemExit(f"elbojax: --steps {config['steps']} is before the run's last checkpoint (step {max(checkpoints)})")
         previous["steps"] = config["steps"]  # resuming may extend the run
-    given = _given_flags(args)
-    ignored = [key for key in config if key in given and key != "steps" and previous.get(key) != config[key]]
+    previous["data_dir"] = config["data_dir"]  # the run's own unless --data-dir is given (_parse)
+    ignored = [key for key in config if key in args.given and key not in ("steps", "data_dir") and previous.get(key) != config[key]]
     if ignored and distributed.is_primary():
         print(f"elbojax: resuming {run_dir} with its own settings; ignoring " + ", ".join(f"--{key.replace('_', '-')}" for key in ignored))
     return previous
-
-
-def _given_flags(args) -> set[str]:
-    """The settings named on the command line (not defaults, not --config)."""
-    train = _train_parser(_parser())
-    return {action.dest for action in train._actions if any(option in args.argv for option in action.option_strings)}
 
 
 def _write_run(args, config: dict) -> None:
@@ -499,11 +536,12 @@ def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict,
     return result
 
 
-def load_run(run_dir):
-    """The trained model of a run folder (its latest checkpoint): an `elbojax.models.VAE` or `TwoLayerVAE`."""
+def load_run(run_dir, data_dir=None):
+    """The trained model of a run folder (its latest checkpoint): an `elbojax.models.VAE` or `TwoLayerVAE`.
+    Its data (for the model's sizes and output bias) come from `data_dir`, else the run's own folder."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    return _restore(run_dir, config, _load_data(config["data"], None, False))
+    return _restore(run_dir, config, _load_data(config["data"], data_dir or config.get("data_dir"), False))
 
 
 def _restore(run_dir: Path, config: dict, dataset, mesh=None):
@@ -531,8 +569,10 @@ def _train(args) -> int:
     config = _resolve_run(args, config)
     if config["batch_size"] % mesh.size:
         raise SystemExit(f"elbojax: the batch size ({config['batch_size']}) must be a multiple of the number of devices ({mesh.size})")
-    dataset = _load_data(config["data"], args.data_dir, args.download)
+    dataset = _load_data(config["data"], config["data_dir"], args.download)
     images = _images_for_training(dataset, config)
+    if config["batch_size"] > images.shape[0]:  # refused before the run folder is written
+        raise SystemExit(f"elbojax: --batch-size ({config['batch_size']}) exceeds the {images.shape[0]} training examples of --data {config['data']}")
     model = build_model(config, images)
     try:
         objective_fn = _objective(config)
@@ -560,7 +600,7 @@ def _evaluate(args) -> int:
     if args.eval_samples < 1 or args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-samples must be >= 1 and --eval-points >= 0, got {args.eval_samples} and {args.eval_points}")
     config = json.loads(config_path.read_text())
-    dataset = _load_data(config["data"], None, False)
+    dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
     mesh = _start_devices(args)
     graphdef, params = nnx.split(_restore(args.run_dir, config, dataset, mesh), nnx.Param)
     _evaluate_and_report(args.run_dir, graphdef, params, dataset, config, args.eval_samples, args.eval_points, mesh)
@@ -608,7 +648,7 @@ def _impute(args) -> int:
     if not config_path.exists():
         raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")
     config = json.loads(config_path.read_text())
-    dataset = _load_data(config["data"], None, False)
+    dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
     model = _restore(args.run_dir, config, dataset)
     test = _test_data(dataset.test.images, config)[: args.points]
     mask = jnp.asarray(missing.hidden_region_mask(args.hide))

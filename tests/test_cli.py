@@ -54,6 +54,43 @@ def test_resume_keeps_the_runs_own_length_and_settings(run, capsys):
         cli.main(["train", "--run-dir", str(run), "--resume", "--steps", "10", *TINY[2:]])
 
 
+def test_a_plain_resume_takes_the_runs_own_model_settings(run, capsys):
+    """Settings left off the command line come from the run's config.json, not the flags' defaults."""
+    quick = ["--no-progress", "--eval-points", "5", "--eval-samples", "10"]
+    assert cli.main(["train", "--run-dir", str(run), "--resume", *quick]) == 0
+    assert json.loads((run / "config.json").read_text())["latent_dim"] == 2
+    # Given flags are recognised however they are spelled: --flag=value and abbreviations.
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--beta=3", "--lr-warm", "5", "--latent-dim=2", *quick]) == 0
+    assert "ignoring --beta, --lr-warmup" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"cannot resume .*latent_dim: checkpoint 2, flags 3"):
+        cli.main(["train", "--run-dir", str(run), "--resume", "--latent-d=3", *quick])
+    with pytest.raises(SystemExit, match=r"cannot resume .*hidden: checkpoint \[32\], flags \[8\]"):
+        cli.main(["train", "--run-dir", str(run), "--resume", "--config", _config_file(run.parent, {"hidden": [8]}), *quick])
+
+
+def test_a_batch_larger_than_the_data_writes_no_run(tmp_path):
+    run_dir = tmp_path / "r"
+    with pytest.raises(SystemExit, match=r"--batch-size \(20000\) exceeds the 10000 training examples"):
+        cli.main(["train", "--run-dir", str(run_dir), *TINY, "--batch-size", "20000"])
+    assert not (run_dir / "config.json").exists()
+
+
+def test_the_data_folder_is_the_runs_own_unless_given(tmp_path, monkeypatch):
+    """config.json keeps --data-dir, so evaluate, impute and load_run find the data; --data-dir overrides it."""
+    folders = []
+    load_data = cli._load_data
+    monkeypatch.setattr(cli, "_load_data", lambda name, data_dir, download: folders.append(data_dir) or load_data(name, data_dir, download))
+    run_dir, data_dir = tmp_path / "r", tmp_path / "data"
+    assert cli.main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "10", "--eval-points", "5", "--eval-samples", "10", "--data-dir", str(data_dir)]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(data_dir.absolute())
+    folders.clear()
+    assert cli.main(["evaluate", str(run_dir), "--eval-points", "5", "--eval-samples", "10"]) == 0
+    assert cli.main(["evaluate", str(run_dir), "--eval-points", "5", "--eval-samples", "10", "--data-dir", str(tmp_path / "moved")]) == 0
+    assert cli.main(["impute", str(run_dir), "--points", "1", "--imputations", "1", "-k", "10", "--data-dir", str(tmp_path / "moved")]) == 0
+    cli.load_run(run_dir)
+    assert [None if f is None else str(f) for f in folders] == [str(data_dir.absolute()), str(tmp_path / "moved"), str(tmp_path / "moved"), str(data_dir.absolute())]
+
+
 def test_an_incompatible_model_and_objective_write_no_run(tmp_path):
     run_dir = tmp_path / "r"
     with pytest.raises(SystemExit, match=r"kl='analytic' needs a closed-form KL"):
@@ -109,6 +146,10 @@ def test_incompatible_or_accidental_reuse_of_a_run_folder(run, flags, message):
         (["--hidden", "a,b"], r"--hidden must be comma-separated positive integers, got 'a,b'"),
         (["--steps-per-call", "5", "--checkpoint-every", "7"], r"--checkpoint-every \(7\) must be a multiple of --steps-per-call \(5\)"),
         (["--learning-rate", "-1"], r"--learning-rate must be > 0"),
+        (["--learning-rate", "inf"], r"--learning-rate must be > 0 and finite in float32 .*got inf"),
+        (["--learning-rate", "1e39"], r"--learning-rate must be > 0 and finite in float32 .*got 1e\+39"),
+        (["--beta", "inf"], r"--beta must be >= 0 and finite in float32"),
+        (["--objective", "elbo", "--free-bits", "1e39"], r"--free-bits must be >= 0 and finite in float32"),
         (["--free-bits", "0.5"], r"Free bits apply to the ELBO with the KL in closed form only"),
         (["--objective", "elbo", "--kl", "monte_carlo", "--free-bits", "0.5"], r"Free bits apply to the ELBO"),
         (["--beta", "-1"], r"--beta must be >= 0"),

@@ -311,3 +311,15 @@ def test_class_conditional_samples_picture(tmp_path):
         plots.class_conditional_samples(images, class_names=["a", "b"])
     with pytest.raises(ValueError, match=r"`images` must have shape \(C, M, D\)"):
         plots.class_conditional_samples(images[0])
+
+
+def test_analytic_kl_is_accepted_where_the_conditional_vae_has_one():
+    """kl="analytic" asks for the closed form the conditional VAE has (as "auto" picks it), not a refusal."""
+    cvae, _ = _small_models()
+    assert cvae.given(0).kl_mode("analytic") == cvae.given(0).kl_mode("auto") == "analytic"
+    assert conditional._Packed(cvae).kl_mode("analytic") == "analytic"
+    assert cvae.given(0).kl_mode("monte_carlo") == "monte_carlo"
+    _, packed = _packed_batch([0, 1, 2, 2])
+    analytic = conditional.objective("elbo", kl="analytic")(keys(3, 4), cvae, packed, 0)
+    auto = conditional.objective("elbo")(keys(3, 4), cvae, packed, 0)
+    np.testing.assert_allclose(analytic.objective, auto.objective, rtol=1e-6)

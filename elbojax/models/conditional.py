@@ -282,7 +282,7 @@ class GivenLabel:
         return self.model.has_analytic_kl
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
-        return resolve_kl(kl, gradient, kl == "auto" and self.has_analytic_kl, "ConditionalVAE")
+        return resolve_kl(kl, gradient, kl != "monte_carlo" and self.has_analytic_kl, "ConditionalVAE")
 
     def sample_prior(self, key, num_samples: int):
         return self.model.sample(key, self.y, num_samples)
@@ -373,7 +373,7 @@ class _Packed:
         return self.model.has_analytic_kl
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
-        return resolve_kl(kl, gradient, kl == "auto" and self.has_analytic_kl, "ConditionalVAE")
+        return resolve_kl(kl, gradient, kl != "monte_carlo" and self.has_analytic_kl, "ConditionalVAE")
 
 
 def objective(name: str = "elbo", **kwargs):
