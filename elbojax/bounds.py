@@ -31,8 +31,17 @@ import jax.numpy as jnp
 from elbojax import _checks
 from elbojax._keys import fold_in_many
 from elbojax import gradients as grads
-from elbojax.estimators import _draw, _log_joint, _pathwise_summary, _prepare, elbo, iwae_bound
-from elbojax.reductions import summary_logsumexp
+from elbojax.estimators import (
+    _draw,
+    _fold_chunks,
+    _log_joint,
+    _pathwise_log_weights,
+    _pathwise_summary,
+    _prepare,
+    elbo,
+    iwae_bound,
+)
+from elbojax.reductions import combine_expm1, summarize_expm1, summary_logmeanexp, summary_logsumexp
 
 
 def _check_real(value, name):
@@ -63,6 +72,12 @@ def renyi_bound(
     $\alpha < 0$; the $K$-sample estimate is biased downward from $\mathcal L_\alpha$ (less so as
     $K$ grows), so it is a lower bound on $\log p(x)$ in expectation for $\alpha \ge 0$.
 
+    **Near $\alpha = 1$.** With $x_k = (1-\alpha)\ell_k$, the log-mean-exp is read from
+    $\sum_k \operatorname{expm1}(x_k - \max_j x_j)$ while those terms are small
+    (`reductions.summary_logmeanexp`), so dividing by $1 - \alpha$ does not magnify rounding: the
+    value tends to the ELBO continuously as $\alpha \to 1$, also in float32 (where
+    $\log\sum_k e^{x_k} - \log K$ rounds to 0 for $1 - \alpha \approx 10^{-7}$).
+
     Args:
       key, x, log_joint, proposal, num_samples, chunk_size: as `elbojax.log_weights`.
       alpha: a Python float.
@@ -77,8 +92,9 @@ def renyi_bound(
         return elbo(key, x, log_joint, proposal, num_samples=num_samples, chunk_size=chunk_size, gradient=gradient)
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
     power = 1.0 - alpha
-    summary = _pathwise_summary(problem, gradient, power)
-    return (summary_logsumexp(summary) - math.log(problem.num_samples)) / power
+    weights_fn = _pathwise_log_weights(problem, gradient)
+    summary = _fold_chunks(lambda start, count: summarize_expm1(power * weights_fn(start, count)), combine_expm1, problem)
+    return summary_logmeanexp(summary) / power
 
 
 def combination_iwae_bound(
@@ -167,7 +183,9 @@ def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samp
       \nabla_\phi: \frac1M\sum_m \sum_k \tilde w^{(m)}_{mk} \nabla_\phi \ell_{mk},$$
     with $\tilde w$ normalised over all $MK$ samples and $\tilde w^{(m)}$ within group $m$. The
     routing is done at $z$ (its cotangent is rescaled) and at $\log q$, so parameters may be
-    shared. Not chunked: the normalised weights need every group at once.
+    shared. Not chunked: the normalised weights need every group at once. A sample with
+    $\ell_{mk} = -\infty$ contributes nothing; a group whose weights are all 0 contributes nothing
+    to the proposal's gradient (its MIWAE term is $-\infty$, with no gradient to follow).
 
     Args:
       key, x, log_joint, proposal: as `elbojax.iwae_bound`; the proposal must be reparameterizable.
@@ -189,15 +207,22 @@ def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samp
     log_weights = jax.lax.stop_gradient(log_joint_mk(z) - log_q)  # (M, K)
     lse_all = jax.nn.logsumexp(log_weights)
     lse_group = jax.nn.logsumexp(log_weights, axis=1, keepdims=True)
-    model_weights = jnp.exp(log_weights - lse_all)  # IWAE over all M K
+    # A group whose weights are all 0 gives the proposal nothing (weights 0, not exp(-inf + inf)).
+    empty_group = jnp.isneginf(lse_group)
+    lse_group = jnp.where(empty_group, jnp.zeros_like(lse_group), lse_group)
+    model_weights = jnp.exp(log_weights - jnp.where(jnp.isneginf(lse_all), 0.0, lse_all))  # IWAE over all M K
     proposal_weights = jnp.exp(log_weights - lse_group) / num_groups  # MIWAE
     # The ratio of the two weightings is the same for every k in a group: exp(lse - lse_m) / M.
-    ratio = jnp.broadcast_to(jnp.exp(lse_all - lse_group) / num_groups, log_weights.shape)
+    ratio = jnp.where(empty_group, jnp.zeros_like(lse_group), jnp.exp(lse_all - lse_group) / num_groups)
+    ratio = jnp.broadcast_to(ratio, log_weights.shape)
     z_routed = jax.vmap(jax.vmap(grads.scale_cotangent))(z, ratio)
     log_q_path = jax.vmap(jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k)))(z_routed)
     z_fixed = jax.tree.map(jax.lax.stop_gradient, z)
     log_q_fixed = jax.vmap(jax.vmap(problem.proposal.log_prob))(z_fixed)
     score = log_q_fixed - jax.lax.stop_gradient(log_q_fixed)
-    surrogate = jnp.sum(model_weights * (log_joint_mk(z_routed) - log_q_path)) - jnp.sum(proposal_weights * score)
+    model_terms = model_weights * (log_joint_mk(z_routed) - log_q_path)
+    # A zero weight (log-weight -inf) contributes nothing: 0 * -inf would make the value NaN.
+    model_terms = jnp.where(model_weights > 0, model_terms, jnp.zeros_like(model_terms))
+    surrogate = jnp.sum(model_terms) - jnp.sum(proposal_weights * score)
     bound = lse_all - math.log(num_groups * problem.num_samples)
     return bound + (surrogate - jax.lax.stop_gradient(surrogate))

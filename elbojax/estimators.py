@@ -36,9 +36,14 @@ largest $K$ serves a whole sweep over $K$). Each chunk is
 rematerialised (`jax.checkpoint`) on the backward pass, so gradients keep the same memory
 bound (at the price of recomputing each chunk's forward pass once).
 
-**Non-finite log-weights.** A log-weight of $-\infty$ (a sample where $p(x, z) = 0$) simply
-contributes nothing; if all are $-\infty$ the result is $-\infty$, not NaN. A NaN log-weight
-propagates to the result (NaN), so that a bug in a `log_joint` is never averaged away.
+**Non-finite log-weights.** A log-weight of $-\infty$ (a sample where $p(x, z) = 0$) is a weight
+of 0: it contributes nothing to the log-sum-exp reductions (`iwae_bound`, `importance_log_marginal`,
+`naive_mc_log_marginal`), whose value stays finite while one weight is positive, and so does the
+gradient under every `gradient=` (VIMCO's signals: see `gradients.vimco_signals`), provided
+`log_joint`'s own derivative is finite there (write the $-\infty$ with `jnp.where`, not as
+`log(0)`). If all are $-\infty$ the result is $-\infty$, not NaN. The ELBO, a mean of log-weights, is $-\infty$ as soon as one is (see `elbo` for its
+score-function gradient). A NaN log-weight propagates to the result (NaN), so that a bug in a
+`log_joint` is never averaged away.
 
 Shapes: `x` is one data point (any shape or pytree; batch with `jax.vmap`); `log_joint(x, z)`
 returns a scalar for ONE sample `z`; every estimator returns a scalar, `log_weights` a `(K,)`.
@@ -255,7 +260,13 @@ def elbo(
         each sample's baseline is the mean of the other samples' log-weights.
 
     Returns:
-      A scalar.
+      A scalar; $-\infty$ if any $\ell_k = -\infty$ (the Monte Carlo ELBO is then $-\infty$).
+
+    With `gradient="score"`, a sample with $\ell_k = -\infty$ gets no learning signal (0, not
+    $-\infty$) and is left out of the other samples' leave-one-out baselines (fewer than two samples
+    left: no baseline), so the gradient stays finite: the pathwise terms $\nabla \ell_k$ of every
+    sample plus the score terms of the others. An ELBO of $-\infty$ has no finite gradient; this one
+    does not push $q$ away from where $p(x, z) = 0$ (the reparameterised gradient does not either).
 
     References:
       Kingma & Welling, *Auto-Encoding Variational Bayes*, 2014, https://arxiv.org/abs/1312.6114
@@ -269,18 +280,25 @@ def elbo(
 
     def chunk_fn(start, count):
         log_weights, score = _score_log_weights(problem)(start, count)
-        return log_weights, score * jax.lax.stop_gradient(log_weights), score
+        # A sample with log-weight -inf has no learning signal (0 * -inf would be NaN); NaN stays.
+        kept = jnp.logical_not(jnp.isneginf(log_weights))
+        signal = jax.lax.stop_gradient(jnp.where(kept, log_weights, jnp.zeros_like(log_weights)))
+        kept = kept.astype(log_weights.dtype)
+        return log_weights, signal * score, kept * score, signal, kept
 
-    summary, signal_times_score, score = _fold_chunks(_summary_and_sums(chunk_fn), _with_sums, problem)
-    total = summary.total
+    summary, signal_times_score, score, kept_total, num_kept = _fold_chunks(
+        _summary_and_sums(chunk_fn), _with_sums, problem
+    )
     if baseline is not None:
         correction = signal_times_score - jax.lax.stop_gradient(baseline) * score
     elif num_samples > 1:
-        # Leave-one-out: b_k = (T - l_k) / (K - 1), so l_k - b_k = (K l_k - T) / (K - 1).
-        correction = (num_samples * signal_times_score - jax.lax.stop_gradient(total) * score) / (num_samples - 1)
+        # Leave-one-out over the N kept samples: b_k = (T - l_k) / (N - 1), so
+        # l_k - b_k = (N l_k - T) / (N - 1); with N < 2 there is no other sample: no baseline.
+        leave_one_out = (num_kept * signal_times_score - kept_total * score) / jnp.maximum(num_kept - 1, 1)
+        correction = jnp.where(num_kept > 1, leave_one_out, signal_times_score)
     else:
         correction = signal_times_score
-    return (total + correction) / num_samples
+    return (summary.total + correction) / num_samples
 
 
 def iwae_bound(
@@ -334,6 +352,8 @@ def iwae_bound(
         summary, score = _fold_chunks(_summary_and_sums(_score_log_weights(problem)), _with_sums, problem)
         bound = summary_logsumexp(summary) - log_k
         signal = jax.lax.stop_gradient(bound - (0.0 if baseline is None else baseline))
+        # Every weight 0: the bound is -inf and there is no learning signal (-inf * 0 would be NaN).
+        signal = jnp.where(jnp.isneginf(bound), jnp.zeros_like(signal), signal)
         return bound + signal * score
     return _iwae_vimco(problem)
 
@@ -348,10 +368,14 @@ def _iwae_dreg(problem: _Problem):
         z, log_q = _draw(problem, start, count)
         log_weights = jax.lax.stop_gradient(_log_joint(problem, z) - log_q)
         lse = jax.nn.logsumexp(log_weights) if fixed_lse is None else fixed_lse
-        weights = jnp.exp(log_weights - lse)
+        # Every weight 0: weights of 0 (no gradient), not exp(-inf + inf) = NaN.
+        weights = jnp.exp(log_weights - jnp.where(jnp.isneginf(lse), jnp.zeros_like(lse), lse))
         z_scaled = jax.vmap(grads.scale_cotangent)(z, weights)
         log_q_path = jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k))(z_scaled)
-        surrogate = jnp.sum(weights * (_log_joint(problem, z_scaled) - log_q_path))
+        terms = weights * (_log_joint(problem, z_scaled) - log_q_path)
+        # A zero weight (log-weight -inf) contributes nothing: 0 * -inf would make the value NaN.
+        # The masked entries get a zero cotangent, and 0 * weight is 0: the gradient is unchanged.
+        surrogate = jnp.sum(jnp.where(weights > 0, terms, jnp.zeros_like(terms)))
         return summarize(log_weights), surrogate
 
     summary, surrogate = _fold_chunks(chunk_fn, _with_sums, problem)

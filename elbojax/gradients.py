@@ -37,6 +37,15 @@ $b_k$ the mean of the *other* samples' log-weights when $K > 1$ (leave-one-out, 
 the `baseline=` value you pass (a moving average or a learned $b_\psi(x)$ kept in your training
 state; it must not depend on $z_{1:K}$). For `iwae_bound`, the signal is $\hat{\mathcal L}_K - b$
 with `baseline=` $b$ (0 if none): a per-sample leave-one-out for the IWAE bound is what VIMCO does.
+A sample of weight 0 ($\ell_k = -\infty$) gets no learning signal in the ELBO's estimator and
+is left out of the others' leave-one-out baselines (the value, the ELBO, is then $-\infty$; see
+`elbo`); `vimco_signals` says what VIMCO does with zero weights. For `iwae_bound` (and PIWAE)
+the value and, under every estimator, the gradient stay finite while at least one weight is
+positive (DReG's and PIWAE's surrogates skip the zero-weight terms, where $0 \cdot (-\infty)$
+would be NaN). With every weight 0 the value is $-\infty$; DReG and PIWAE then give a gradient
+of 0, the ELBO's score estimator a finite one, and the other IWAE gradients NaN (the derivative
+of $\log 0$).
+
 To train a learned baseline, regress it on the (stop-gradient) value the estimator returns:
 
     value = elbojax.elbo(key, x, log_joint, q, gradient="score", baseline=b_psi(x))
@@ -175,8 +184,17 @@ def vimco_signals(log_weights: jax.Array) -> jax.Array:
     $\hat{\mathcal L}_{K,-k}$ replaces $w_k$ by the geometric mean of the other weights:
     $$\hat{\mathcal L}_{K,-k} = \log \frac1K\Big(\sum_{j \ne k} w_j + \exp\big(\tfrac{1}{K-1}
       \textstyle\sum_{j\ne k} \ell_j\big)\Big).$$
-    The leave-one-out log-sum-exps come from prefix and suffix cumulative log-sum-exps, so the
-    cost is $O(K)$ and no weight is subtracted from a sum (no cancellation).
+    The leave-one-out log-sum-exps and sums come from exclusive prefix and suffix cumulative
+    log-sum-exps and sums, so the cost is $O(K)$ and nothing is subtracted from a total: no
+    cancellation, and no $-\infty - (-\infty)$ when a log-weight is $-\infty$.
+
+    Zero weights: a sample with $\ell_k = -\infty$ gets a finite signal, and makes the geometric
+    mean in every other sample's baseline 0. If every *other* weight is 0, the definition gives
+    sample $k$ the baseline $-\infty$ and the signal $+\infty$ (whose gradient through a normalised
+    proposal is $\infty - \infty$, NaN); instead, that sample gets no baseline: its signal is
+    $\hat{\mathcal L}_K$, as with `gradient="score"` (the choice depends only on the other samples).
+    If every weight is 0, every signal is 0 (the limit of equal log-weights) and the bound is
+    $-\infty$. A NaN log-weight makes every signal NaN.
 
     Args:
       log_weights: `(K,)` log-weights, `K >= 2`, treated as constants.
@@ -184,9 +202,14 @@ def vimco_signals(log_weights: jax.Array) -> jax.Array:
     log_weights = jax.lax.stop_gradient(log_weights)
     num = log_weights.shape[0]
     neg_inf = jnp.full((1,), -jnp.inf, log_weights.dtype)
+    zero = jnp.zeros((1,), log_weights.dtype)
     prefix = jnp.concatenate([neg_inf, jax.lax.cumlogsumexp(log_weights)[:-1]])
     suffix = jnp.concatenate([jax.lax.cumlogsumexp(log_weights, reverse=True)[1:], neg_inf])
     leave_one_out_lse = jnp.logaddexp(prefix, suffix)
-    leave_one_out_mean = (jnp.sum(log_weights) - log_weights) / (num - 1)
+    prefix_sum = jnp.concatenate([zero, jax.lax.cumsum(log_weights)[:-1]])
+    suffix_sum = jnp.concatenate([jax.lax.cumsum(log_weights, reverse=True)[1:], zero])
+    leave_one_out_mean = (prefix_sum + suffix_sum) / (num - 1)
     bound = jax.nn.logsumexp(log_weights) - math.log(num)
-    return bound - (jnp.logaddexp(leave_one_out_lse, leave_one_out_mean) - math.log(num))
+    baselines = jnp.logaddexp(leave_one_out_lse, leave_one_out_mean) - math.log(num)
+    baselines = jnp.where(jnp.isneginf(baselines), jnp.zeros_like(baselines), baselines)
+    return jnp.where(jnp.isneginf(bound), jnp.zeros_like(baselines), bound - baselines)

@@ -8,8 +8,15 @@ across chunks without keeping the set:
 * the plain sum $t = \sum_k \ell_k$.
 
 Then $\log\sum_k e^{\ell_k} = \tilde m + \log s$ and $\frac1K\sum_k \ell_k = t / K$.
-All $\ell_k = -\infty$ gives $s = 0$ and a log-sum-exp of $-\infty$, never NaN; a NaN
-log-weight makes the maximum NaN and so the result NaN: it propagates, it never vanishes.
+All $\ell_k = -\infty$ gives $s = 0$ and a log-sum-exp of $-\infty$, never NaN. A NaN
+log-weight makes $s$, $t$ and so the result NaN: $e^{\mathrm{NaN} - \tilde m}$ enters the sum, so it
+propagates and never vanishes. The maximum itself need not be NaN (XLA's CPU reduction skips NaN
+when it reduces 4096 entries or more); nothing relies on it.
+
+`Expm1Summary` adds $e = \sum_k \operatorname{expm1}(\ell_k - \tilde m)$ and the count $K$, so that
+$\log\frac1K\sum_k e^{\ell_k} = \tilde m + \operatorname{log1p}(e / K)$ keeps its relative precision
+when the $\ell_k$ are all close together (there $\log s - \log K$ rounds to 0): the Rényi bound
+near $\alpha = 1$ divides that number by $1 - \alpha$.
 """
 
 from __future__ import annotations
@@ -62,6 +69,64 @@ def combine(a: LogWeightSummary, b: LogWeightSummary) -> LogWeightSummary:
 def summary_logsumexp(summary: LogWeightSummary) -> jax.Array:
     r"""$\log \sum_k e^{\ell_k}$ from a summary."""
     return _finite_or_zero(summary.max) + jnp.log(summary.scaled_sum_exp)
+
+
+class Expm1Summary(NamedTuple):
+    r"""A `LogWeightSummary` with what keeps $\log\frac1K\sum_k e^{\ell_k}$ precise for close $\ell_k$.
+
+    Attributes:
+      summary: the `LogWeightSummary` of the same log-weights.
+      scaled_sum_expm1: $e = \sum_k \operatorname{expm1}(\ell_k - \tilde m)$, with $\tilde m$ the
+        summary's shift; in $[-K, 0]$ unless a log-weight is $+\infty$ or NaN.
+      count: $K$, a scalar of the weights' dtype.
+    """
+
+    summary: LogWeightSummary
+    scaled_sum_expm1: jax.Array
+    count: jax.Array
+
+
+def summarize_expm1(log_weights: jax.Array) -> Expm1Summary:
+    """Summarise a 1-D array of log-weights (shape `(K,)`), with the expm1 sum and the count."""
+    summary = summarize(log_weights)
+    expm1_sum = jnp.sum(jnp.expm1(log_weights - _finite_or_zero(summary.max)))
+    return Expm1Summary(summary, expm1_sum, jnp.asarray(log_weights.shape[0], log_weights.dtype))
+
+
+def combine_expm1(a: Expm1Summary, b: Expm1Summary) -> Expm1Summary:
+    r"""Summary of the union of two sets of log-weights.
+
+    Moving a sum from shift $\tilde m_a$ to $\tilde m$ is
+    $\sum_k \operatorname{expm1}(\ell_k - \tilde m) = e^{\delta} e_a + K_a \operatorname{expm1}(\delta)$,
+    $\delta = \tilde m_a - \tilde m \le 0$: both terms are $\le 0$, so nothing cancels.
+    """
+    summary = combine(a.summary, b.summary)
+    shift = _finite_or_zero(summary.max)
+
+    def moved(part: Expm1Summary):
+        # delta is clipped at 0 exactly where `combine` clips it (a set whose terms are all -1 or inf).
+        delta = jnp.minimum(_finite_or_zero(part.summary.max) - shift, 0.0)
+        return jnp.exp(delta) * part.scaled_sum_expm1 + part.count * jnp.expm1(delta)
+
+    return Expm1Summary(summary, moved(a) + moved(b), a.count + b.count)
+
+
+def summary_logmeanexp(summary: Expm1Summary) -> jax.Array:
+    r"""$\log \frac1K \sum_k e^{\ell_k}$ from an `Expm1Summary`, precise also for close log-weights.
+
+    $\tilde m + \operatorname{log1p}(e / K)$ while $e / K > -\tfrac12$ (the terms are close to the
+    maximum; $\operatorname{log1p}$ keeps the small result's relative precision), else
+    $\tilde m + \log(s / K)$ (a few terms dominate; $s / K < \tfrac12$ is far from 1). The two are
+    the same number up to rounding, so the result is continuous in the $\ell_k$.
+    """
+    shift = _finite_or_zero(summary.summary.max)
+    mean_expm1 = summary.scaled_sum_expm1 / summary.count
+    mean_exp = summary.summary.scaled_sum_exp / summary.count
+    close = mean_expm1 > -0.5
+    # Each branch sees a harmless input where it is not taken, so its gradient there is 0, not NaN.
+    near = jnp.log1p(jnp.where(close, mean_expm1, jnp.zeros_like(mean_expm1)))
+    far = jnp.log(jnp.where(close, jnp.ones_like(mean_exp), mean_exp))
+    return shift + jnp.where(close, near, far)
 
 
 def logmeanexp(a: jax.Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False):

@@ -29,7 +29,9 @@ is itself a self-normalised estimate: it is reliable when the ESS is large.
 **Non-finite log-weights.** A log-weight of $-\infty$ gets weight 0 (its sample is never
 resampled and its $f$ value is not used); if all are $-\infty$ every weight is 0, the expectation
 is 0 with an ESS of 0 (check the ESS), and `resample`'s indices are meaningless. A NaN log-weight
-makes every weight NaN.
+makes every weight NaN, and so the expectation, its standard error and the ESS NaN; `resample`
+still returns valid indices, which mean nothing (check that the ESS is not NaN: nothing is
+checked on the host inside `jit`).
 
 Shapes: `log_weights` `(K,)` for ONE data point (batch with `jax.vmap`); `f_values` `(K, ...)`.
 
@@ -107,7 +109,8 @@ def posterior_expectation(f_values, log_weights) -> SNISEstimate:
       \bar w_k = \frac{e^{\ell_k}}{\sum_j e^{\ell_j}},$$
 
     biased by $O(1/K)$ and consistent (see the module notes). Samples with $\bar w_k = 0$ do not
-    enter (their $f$ values may be anything, even infinite).
+    enter (their $f$ values may be anything, even infinite). A NaN log-weight makes the mean, the
+    standard error and the ESS NaN.
 
     Args:
       f_values: `(K, ...)`, $f(z_k)$ for each sample (e.g. `jax.vmap(f)(z)`), floating point.
@@ -139,7 +142,7 @@ def posterior_expectation(f_values, log_weights) -> SNISEstimate:
         )
     weights = normalized_weights(log_weights).astype(jnp.result_type(f_values.dtype, log_weights.dtype))
     weights = weights.reshape((num,) + (1,) * (f_values.ndim - 1))
-    used = weights > 0
+    used = weights != 0  # NaN weights are used, so that a NaN log-weight makes the result NaN
     mean = jnp.sum(jnp.where(used, weights * f_values, 0.0), axis=0)
     squared = jnp.where(used, (weights * (f_values - mean)) ** 2, 0.0)
     return SNISEstimate(mean, jnp.sqrt(jnp.sum(squared, axis=0)), effective_sample_size(log_weights))
@@ -157,7 +160,10 @@ def resample(key, log_weights, num: int, *, method: str = "multinomial") -> jax.
       same mean as multinomial with less variance. The indices come out sorted.
 
     Samples with weight 0 are never chosen (unless every weight is 0: then the indices mean
-    nothing; check the ESS).
+    nothing; check the ESS). A NaN log-weight also gives indices in range that mean nothing (the
+    multinomial draw then picks a NaN sample, the systematic one the last sample): check that the
+    ESS, `reductions.effective_sample_size(log_weights)`, is not NaN. The indices are not checked
+    inside `jit`.
 
     Args:
       key: a JAX PRNG key.

@@ -1,5 +1,7 @@
 """Rényi, MIWAE, CIWAE and PIWAE: limits, exactness at the posterior, and PIWAE's gradient routing."""
 
+import decimal
+
 import distrax
 import jax
 import jax.numpy as jnp
@@ -110,3 +112,90 @@ def test_bound_argument_errors(problem):
         ej.multi_iwae_bound(jax.random.key(0), x, model.log_joint, q, num_groups=0, num_samples=2)
     with pytest.raises(ValueError, match=r"`gradient` for `renyi_bound` must be one of 'reparam', 'stl'"):
         ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha=0.5, num_samples=2, gradient="dreg")
+
+
+def _truncated_model(theta):
+    """z > 0 only: log p(x, z) = log 2 + log N(z; 0, 1) + log N(x; z + theta, 1), and -inf for z <= 0."""
+    def log_joint(x, z):
+        value = jnp.log(2.0) + jax.scipy.stats.norm.logpdf(z) + jax.scipy.stats.norm.logpdf(x - z - theta)
+        return jnp.where(z > 0, value, -jnp.inf)
+    return log_joint
+
+
+def test_piwae_with_zero_weights_routes_like_iwae_and_miwae(x64):
+    """Samples of weight 0 (z <= 0) contribute nothing: the value is the IWAE bound over all MK (was
+    NaN: 0 * -inf), the model gets IWAE's gradient, the proposal MIWAE's over the groups with a
+    positive weight (a group of zero weights has an MIWAE term of -inf and gives nothing)."""
+    x, M, K = 1.0, 4, 2
+    params = (jnp.asarray(-0.3), jnp.asarray(0.1), jnp.asarray(0.3))  # mean, log-scale, theta
+    proposal = lambda p: distrax.Normal(p[0], jnp.exp(p[1]))
+    group_log_weights = lambda key, p: jnp.stack(
+        [ej.log_weights(jax.random.fold_in(key, m), x, _truncated_model(p[2]), proposal(p), num_samples=K) for m in range(M)]
+    )
+    empty_groups = lambda key: int(np.isneginf(np.asarray(group_log_weights(key, params))).all(axis=1).sum())
+    some_zero = next(k for k in map(jax.random.key, range(100)) if empty_groups(k) == 0 and np.isneginf(np.asarray(group_log_weights(k, params))).any())
+    one_empty = next(k for k in map(jax.random.key, range(100)) if empty_groups(k) == 1)
+    for key in (some_zero, one_empty):
+        lw = np.asarray(group_log_weights(key, params))
+        positive = ~np.isneginf(lw).all(axis=1)
+
+        def iwae_all(p):
+            return jax.nn.logsumexp(group_log_weights(key, p)) - jnp.log(M * K)
+
+        def miwae_of_positive_groups(p):
+            return jnp.sum(jax.nn.logsumexp(group_log_weights(key, p)[positive], axis=1)) / M
+
+        piwae = lambda p: ej.partial_iwae_bound(key, x, _truncated_model(p[2]), proposal(p), num_groups=M, num_samples=K)
+        value, grad = jax.value_and_grad(piwae)(params)
+        np.testing.assert_allclose(value, np.log(np.mean(np.exp(lw))), rtol=1e-12)
+        np.testing.assert_allclose(grad[2], jax.grad(iwae_all)(params)[2], rtol=1e-10)
+        g_miwae = jax.grad(miwae_of_positive_groups)(params)
+        np.testing.assert_allclose(grad[:2], g_miwae[:2], rtol=1e-10, atol=1e-12)
+        assert np.all(np.isfinite(grad))
+    far = (jnp.asarray(-8.0),) + params[1:]  # every weight 0: the value is -inf, and no gradient
+    value, grad = jax.value_and_grad(lambda p: ej.partial_iwae_bound(some_zero, x, _truncated_model(p[2]), proposal(p), num_groups=M, num_samples=K))(far)
+    assert value == -np.inf
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_renyi_near_alpha_one_keeps_float32_precision():
+    """(1/(1-a)) log mean w^(1-a) against 40-digit decimal arithmetic on the same float32
+    log-weights. As a -> 1 the plain form (lse - log K) / (1 - a) loses every digit (a = 1 - 1e-7
+    gave 0.0 for 1.44; a = 0.999 was off by 7e-5)."""
+    key, K = jax.random.key(0), 1000
+    log_joint = lambda x, z: -0.5 * (x - z) ** 2 - 0.5 * z**2 - 1.8378770664093453 + 3.0
+    q = distrax.Normal(0.3, 0.8)
+    lw = [decimal.Decimal(float(v)) for v in np.asarray(ej.log_weights(key, 1.0, log_joint, q, num_samples=K))]
+    for alpha in (-2.0, 0.0, 0.5, 0.9, 0.999, 0.99999, 0.9999999, 1.0 - 1e-9, 1.0, 1.0 + 1e-7, 1.001, 3.0):
+        with decimal.localcontext() as context:
+            context.prec = 40
+            p = decimal.Decimal(1.0 - alpha)
+            expected = float(sum(lw) / K if p == 0 else (sum((p * v).exp() for v in lw) / K).ln() / p)
+        for chunk_size in (None, 300):
+            value = ej.renyi_bound(key, 1.0, log_joint, q, alpha=alpha, num_samples=K, chunk_size=chunk_size)
+            assert value.dtype == jnp.float32
+            np.testing.assert_allclose(value, expected, rtol=0, atol=1e-6, err_msg=f"alpha={alpha}, chunk_size={chunk_size}")
+
+
+def test_renyi_gradient_is_that_of_the_closed_formula(problem):
+    """Both evaluation branches (close and spread-out log-weights): the gradient of
+    (1/p) log mean exp(p l_k) on the same samples, in float64."""
+    model, x, q = problem
+    key = jax.random.key(6)
+    params = (q.mean(), jnp.log(q.stddev()), model.bias)
+
+    def renyi(p, alpha, **kwargs):
+        m = exact.LinearGaussian(model.weight, p[2], model.noise_variance)
+        return ej.renyi_bound(key, x, m.log_joint, distrax.MultivariateNormalDiag(p[0], jnp.exp(p[1])), alpha=alpha, num_samples=16, **kwargs)
+
+    def closed(p, alpha):
+        m = exact.LinearGaussian(model.weight, p[2], model.noise_variance)
+        lw = ej.log_weights(key, x, m.log_joint, distrax.MultivariateNormalDiag(p[0], jnp.exp(p[1])), num_samples=16)
+        return (jax.nn.logsumexp((1 - alpha) * lw) - jnp.log(16.0)) / (1 - alpha)
+
+    for alpha in (-2.0, 0.5, 0.999):
+        expected = jax.grad(closed)(params, alpha)
+        for kwargs in ({}, {"chunk_size": 5}):
+            got = jax.grad(renyi)(params, alpha, **kwargs)
+            for a, b in zip(got, expected):
+                np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import elbojax as ej
-from elbojax import exact
+from elbojax import exact, snis
 from helpers import SE_LIMIT, assert_within_se, keys, mean_and_se_along_draws
 
 
@@ -260,3 +260,165 @@ def test_a_learned_baseline_trains_by_regression_on_the_returned_value(linear_ga
 
     (_, value), grad = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(-3.0))
     np.testing.assert_allclose(grad, -2 * (value - (-3.0)), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Zero importance weights (log-weight -inf): finite values and gradients, checked against numpy.
+# ------------------------------------------------------------------------------------------------
+
+
+def _vimco_reference(log_weights):
+    """VIMCO's signals in float64 numpy, from the definition; the documented conventions: no
+    baseline for a sample whose leave-one-out bound is -inf, no signal where every weight is 0."""
+    lw = np.asarray(log_weights, np.float64)
+    num = lw.size
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bound = np.log(np.mean(np.exp(lw)))
+        if np.isneginf(bound):
+            return np.zeros(num)
+        out = []
+        for k in range(num):
+            others = np.delete(lw, k)
+            baseline = np.log((np.exp(others).sum() + np.exp(others.mean())) / num)
+            out.append(bound - (0.0 if np.isneginf(baseline) else baseline))
+    return np.array(out)
+
+
+@pytest.mark.parametrize(
+    "log_weights",
+    [
+        [0.0, -1.0, -np.inf, 0.5],
+        [-np.inf, 0.3, -np.inf, 1.0, 2.0],
+        [1.0, -np.inf, -np.inf],  # every other weight 0: sample 0 has no baseline (not +inf)
+        [-np.inf, -np.inf, -np.inf],  # every weight 0: no signal
+        [0.5, -2.0, 3.0, 1.0, -0.5, 2.5],
+    ],
+)
+def test_vimco_signals_with_zero_weights_match_the_definition(x64, log_weights):
+    signals = jax.jit(ej.gradients.vimco_signals)(jnp.asarray(log_weights))
+    np.testing.assert_allclose(signals, _vimco_reference(log_weights), rtol=1e-12, atol=1e-14)
+
+
+@pytest.fixture
+def impossible_class(x64):
+    """A 4-class latent whose class 2 has p(x, z) = 0, and a categorical proposal that draws it."""
+    log_p = jnp.array([-1.0, -2.0, -jnp.inf, 0.5])
+    logits = jnp.array([0.3, -0.2, 0.1, 0.4])
+    return (lambda x, z: log_p[z]), logits
+
+
+def _score_references(log_joint, logits, key, num_samples):
+    """Samples, log-weights and each sample's score d log q(z_k) / d logits, in float64 numpy."""
+    z, log_weights = snis.importance_samples(key, jnp.zeros(()), log_joint, distrax.Categorical(logits=logits), num_samples=num_samples)
+    z, log_weights = np.asarray(z), np.asarray(log_weights, np.float64)
+    scores = np.eye(logits.shape[0])[z] - np.asarray(jax.nn.softmax(logits))
+    return log_weights, scores
+
+
+def test_vimco_and_score_iwae_with_a_zero_weight_match_numpy(impossible_class):
+    log_joint, logits = impossible_class
+    key, num = jax.random.key(7), 6
+
+    def estimate(lg, gradient, **kwargs):
+        return ej.iwae_bound(key, jnp.zeros(()), log_joint, distrax.Categorical(logits=lg), num_samples=num, gradient=gradient, **kwargs)
+
+    log_weights, scores = _score_references(log_joint, logits, key, num)
+    assert np.isneginf(log_weights).any() and np.isfinite(log_weights).any()
+    bound = np.log(np.mean(np.exp(log_weights)))
+    normalized = np.exp(log_weights - np.log(np.sum(np.exp(log_weights))))
+    vimco = (_vimco_reference(log_weights) - normalized) @ scores
+    for kwargs in ({}, {"chunk_size": 4}):
+        value, grad = jax.value_and_grad(estimate)(logits, "vimco", **kwargs)
+        np.testing.assert_allclose(value, bound, rtol=1e-12)
+        np.testing.assert_allclose(grad, vimco, rtol=1e-10, atol=1e-12)
+    value, grad = jax.value_and_grad(estimate)(logits, "score")
+    np.testing.assert_allclose(value, bound, rtol=1e-12)
+    np.testing.assert_allclose(grad, (bound - normalized) @ scores, rtol=1e-10, atol=1e-12)
+
+
+def test_elbo_score_gradient_with_a_zero_weight_is_finite_and_leaves_that_sample_out(impossible_class):
+    """The MC ELBO is -inf; the documented gradient: the pathwise terms of every sample, and the
+    score terms of the others, with leave-one-out baselines over the samples of positive weight."""
+    log_joint, logits = impossible_class
+    key, num = jax.random.key(7), 6
+
+    def estimate(lg, **kwargs):
+        return ej.elbo(key, jnp.zeros(()), log_joint, distrax.Categorical(logits=lg), num_samples=num, gradient="score", **kwargs)
+
+    log_weights, scores = _score_references(log_joint, logits, key, num)
+    kept = np.isfinite(log_weights)
+    assert 2 <= kept.sum() < num
+    signal = np.where(kept, log_weights, 0.0)
+    leave_one_out = np.where(kept, (signal.sum() - signal) / (kept.sum() - 1), 0.0)
+    pathwise = -scores.sum(0)  # d l_k / d logits = -d log q(z_k) / d logits, for every sample
+    for kwargs, baseline in (({}, leave_one_out), ({"chunk_size": 4}, leave_one_out), ({"baseline": 0.7}, np.where(kept, 0.7, 0.0))):
+        value, grad = jax.value_and_grad(estimate)(logits, **kwargs)
+        assert value == -np.inf
+        np.testing.assert_allclose(grad, (pathwise + (signal - baseline) @ scores) / num, rtol=1e-10, atol=1e-12)
+
+
+def test_score_estimators_with_one_or_no_positive_weight(x64):
+    """Only class 0 is possible. One positive weight of two: VIMCO's baseline for it would be -inf
+    (a signal of +inf, a NaN gradient): it has none instead. No positive weight: the value is -inf."""
+    log_p = jnp.array([0.0, -jnp.inf, -jnp.inf, -jnp.inf])
+    log_joint = lambda x, z: log_p[z]
+    logits = jnp.array([0.3, -0.2, 0.1, 0.4])
+    count = lambda key: int(np.isfinite(np.asarray(ej.log_weights(key, jnp.zeros(()), log_joint, distrax.Categorical(logits=logits), num_samples=2))).sum())
+    one = next(k for k in map(jax.random.key, range(100)) if count(k) == 1)
+    none = next(k for k in map(jax.random.key, range(100)) if count(k) == 0)
+
+    def estimate(lg, key, objective, gradient):
+        return objective(key, jnp.zeros(()), log_joint, distrax.Categorical(logits=lg), num_samples=2, gradient=gradient)
+
+    log_weights, scores = _score_references(log_joint, logits, one, 2)
+    bound = np.log(np.mean(np.exp(log_weights)))
+    normalized = np.isfinite(log_weights).astype(float)
+    vimco = _vimco_reference(log_weights)
+    assert vimco[np.isfinite(log_weights)] == bound  # no baseline
+    for gradient, signals in (("vimco", vimco), ("score", bound)):
+        value, grad = jax.value_and_grad(estimate)(logits, one, ej.iwae_bound, gradient)
+        np.testing.assert_allclose(value, bound, rtol=1e-12)
+        np.testing.assert_allclose(grad, (signals - normalized) @ scores, rtol=1e-10, atol=1e-12)
+    for objective, gradient in ((ej.iwae_bound, "vimco"), (ej.iwae_bound, "score"), (ej.elbo, "score")):
+        assert estimate(logits, none, objective, gradient) == -np.inf, (objective, gradient)
+    assert np.all(np.isfinite(jax.grad(estimate)(logits, none, ej.elbo, "score")))
+
+
+def _truncated_model(theta):
+    """z > 0 only: log p(x, z) = log 2 + log N(z; 0, 1) + log N(x; z + theta, 1), and -inf for z <= 0."""
+    def log_joint(x, z):
+        value = jnp.log(2.0) + jax.scipy.stats.norm.logpdf(z) + jax.scipy.stats.norm.logpdf(x - z - theta)
+        return jnp.where(z > 0, value, -jnp.inf)
+    return log_joint
+
+
+def test_dreg_with_zero_weights_matches_numpy_and_iwae(x64):
+    """Value: the IWAE bound (was NaN: 0 * -inf). Proposal: sum_k w_k^2 dl_k/dz_k dz_k/dphi; model:
+    sum_k w_k d log p / d theta, the IWAE gradient; zero-weight samples contribute nothing."""
+    x, key, num = 1.0, jax.random.key(3), 8
+    params = (jnp.asarray(0.2), jnp.asarray(0.1), jnp.asarray(0.3))  # mean, log-scale, theta
+
+    def estimate(p, gradient, **kwargs):
+        mean, log_scale, theta = p
+        return ej.iwae_bound(key, x, _truncated_model(theta), distrax.Normal(mean, jnp.exp(log_scale)), num_samples=num, gradient=gradient, **kwargs)
+
+    mean, log_scale, theta = map(float, params)
+    z, log_weights = snis.importance_samples(key, x, _truncated_model(theta), distrax.Normal(mean, np.exp(log_scale)), num_samples=num)
+    z, log_weights = np.asarray(z), np.asarray(log_weights)
+    assert np.isneginf(log_weights).any() and np.isfinite(log_weights).any()
+    weights = np.exp(log_weights - np.log(np.sum(np.exp(log_weights))))
+    path = -z + (x - z - theta) + (z - mean) / np.exp(2 * log_scale)  # d l / dz at fixed q
+    expected = [np.sum(weights**2 * path), np.sum(weights**2 * path * (z - mean)), np.sum(weights * (x - z - theta))]
+    reparam_value, reparam_grad = jax.value_and_grad(estimate)(params, "reparam")
+    for kwargs in ({}, {"chunk_size": 3}):
+        value, grad = jax.value_and_grad(estimate)(params, "dreg", **kwargs)
+        np.testing.assert_allclose(value, reparam_value, rtol=1e-12)
+        np.testing.assert_allclose(value, np.log(np.mean(np.exp(log_weights))), rtol=1e-12)
+        np.testing.assert_allclose(grad, expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(grad[2], reparam_grad[2], rtol=1e-10)
+    # Every weight 0 (all z <= 0): the value is -inf, and no gradient (was NaN).
+    far = (jnp.asarray(-8.0),) + params[1:]
+    for kwargs in ({}, {"chunk_size": 3}):
+        value, grad = jax.value_and_grad(estimate)(far, "dreg", **kwargs)
+        assert value == -np.inf
+        np.testing.assert_array_equal(grad, 0.0)

@@ -1,5 +1,7 @@
 """The proposal adapters (TFP, FiniteUniform) and the stable reductions."""
 
+import decimal
+
 import distrax
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ from tensorflow_probability.substrates import jax as tfp
 
 import elbojax as ej
 from elbojax import exact
-from elbojax.reductions import combine, summarize, summary_logsumexp
+from elbojax.reductions import combine, combine_expm1, summarize, summarize_expm1, summary_logmeanexp, summary_logsumexp
 
 tfd = tfp.distributions
 
@@ -86,3 +88,45 @@ def test_running_summary_equals_one_shot_logsumexp(values):
         running = combine(running, summarize(a[start : start + 2]))
     np.testing.assert_allclose(summary_logsumexp(running), jax.nn.logsumexp(a), rtol=1e-6)
     np.testing.assert_allclose(running.total, jnp.sum(a), rtol=1e-6)
+
+
+def test_a_nan_log_weight_makes_the_log_sum_exp_nan_also_when_max_skips_it():
+    """XLA's CPU max over >= 4096 entries skips NaN; the NaN still reaches the sum."""
+    for num in (10, 5000):
+        for fill in (0.0, -jnp.inf):
+            a = jnp.full(num, fill).at[7].set(jnp.nan)
+            assert np.isnan(summary_logsumexp(jax.jit(summarize)(a))), (num, fill)
+            assert np.isnan(summary_logmeanexp(jax.jit(summarize_expm1)(a))), (num, fill)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.5, -2.0, 3.0, 1.0, -0.5, 2.5],
+        [-jnp.inf, -jnp.inf, 1.0, -jnp.inf, -jnp.inf, 0.0],
+        [1e-7, 2e-7, -1e-7, 3e-7, 0.0, 1.5e-7],
+        [-jnp.inf, -jnp.inf, 1e-8, 2e-8, 3e-8, -1e-8],
+        [-1e4, -1e4 - 1, -1e4 - 2, -1e4 + 3, -1e4, -1e4],
+        [-jnp.inf] * 6,
+    ],
+)
+def test_expm1_summary_log_mean_exp_is_precise_and_combines(x64, values):
+    """Against 50-digit decimal arithmetic on the same inputs; the result keeps its relative precision
+    even when it is tiny next to log K (the plain log-sum-exp minus log K rounds to 0 there)."""
+    with decimal.localcontext() as context:
+        context.prec = 50
+        v = np.asarray(values, np.float64)
+        total = sum((decimal.Decimal(float(x)).exp() for x in v if np.isfinite(x)), decimal.Decimal(0))
+        expected = float((total / len(v)).ln()) if total > 0 else -np.inf
+    for dtype, rtol in ((jnp.float64, 1e-13), (jnp.float32, 1e-5)):
+        a = jnp.asarray(values, dtype)
+        running = summarize_expm1(a[:2])
+        for start in (2, 4):
+            running = combine_expm1(running, summarize_expm1(a[start : start + 2]))
+        for summary in (summarize_expm1(a), running):
+            got = summary_logmeanexp(summary)
+            assert got.dtype == dtype
+            if np.isneginf(expected):
+                assert got == -np.inf
+            else:
+                np.testing.assert_allclose(got, expected, rtol=rtol, atol=0, err_msg=str(dtype))

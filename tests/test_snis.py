@@ -146,3 +146,25 @@ def test_argument_errors_at_trace_time():
         snis.resample(jax.random.key(0), log_weights, 0)
     with pytest.raises(TypeError, match=r"`key` must be a JAX PRNG key"):
         snis.resample(0, log_weights, 3)
+
+
+@pytest.mark.parametrize("num", [3, 5000])  # 5000: XLA's CPU max over >= 4096 entries skips NaN
+def test_a_nan_log_weight_makes_the_expectation_nan(num):
+    """Was mean 0 and standard error 0: NaN weights failed `weights > 0` and were dropped."""
+    log_weights = jnp.zeros(num).at[1].set(jnp.nan)
+    f_values = jnp.arange(2.0 * num).reshape(num, 2)
+    estimate = jax.jit(snis.posterior_expectation)(f_values, log_weights)
+    assert np.all(np.isnan(estimate.mean)) and np.all(np.isnan(estimate.standard_error))
+    assert np.isnan(estimate.effective_sample_size)
+    # A zero weight still keeps an infinite f value out, next to a NaN log-weight or not.
+    with_zero = snis.posterior_expectation(jnp.array([1.0, jnp.inf, 3.0]), jnp.array([0.0, -jnp.inf, jnp.log(3.0)]))
+    assert np.isfinite(with_zero.mean) and np.isfinite(with_zero.standard_error)
+
+
+def test_resample_with_a_nan_log_weight_gives_indices_in_range_and_a_nan_ess():
+    """The documented behaviour: the indices mean nothing but are valid; the ESS says so."""
+    log_weights = jnp.array([0.0, jnp.nan, 0.0, -1.0])
+    for method in snis.RESAMPLING_METHODS:
+        indices = jax.jit(snis.resample, static_argnums=2, static_argnames="method")(jax.random.key(0), log_weights, 8, method=method)
+        assert indices.dtype == jnp.int32 and np.all((0 <= indices) & (indices < 4))
+    assert np.isnan(ej.effective_sample_size(log_weights))
