@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -29,3 +30,12 @@ def assert_within_se(draws, expected, name, limit=SE_LIMIT):
     mean, se = mean_and_se_along_draws(draws)
     z = np.abs(mean - np.asarray(expected)) / np.maximum(se, 1e-12)
     assert np.all(z < limit), (name, mean, np.asarray(expected), se)
+
+
+def truncated_model(theta):
+    """z > 0 only: log p(x, z) = log 2 + log N(z; 0, 1) + log N(x; z + theta, 1), and -inf for z <= 0
+    (samples of weight 0 where a proposal puts mass on z <= 0)."""
+    def log_joint(x, z):
+        value = jnp.log(2.0) + jax.scipy.stats.norm.logpdf(z) + jax.scipy.stats.norm.logpdf(x - z - theta)
+        return jnp.where(z > 0, value, -jnp.inf)
+    return log_joint

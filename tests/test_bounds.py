@@ -10,6 +10,7 @@ import pytest
 
 import elbojax as ej
 from elbojax import exact
+from helpers import truncated_model
 
 
 @pytest.fixture
@@ -114,14 +115,6 @@ def test_bound_argument_errors(problem):
         ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha=0.5, num_samples=2, gradient="dreg")
 
 
-def _truncated_model(theta):
-    """z > 0 only: log p(x, z) = log 2 + log N(z; 0, 1) + log N(x; z + theta, 1), and -inf for z <= 0."""
-    def log_joint(x, z):
-        value = jnp.log(2.0) + jax.scipy.stats.norm.logpdf(z) + jax.scipy.stats.norm.logpdf(x - z - theta)
-        return jnp.where(z > 0, value, -jnp.inf)
-    return log_joint
-
-
 def test_piwae_with_zero_weights_routes_like_iwae_and_miwae(x64):
     """Samples of weight 0 (z <= 0) contribute nothing: the value is the IWAE bound over all MK (was
     NaN: 0 * -inf), the model gets IWAE's gradient, the proposal MIWAE's over the groups with a
@@ -130,7 +123,7 @@ def test_piwae_with_zero_weights_routes_like_iwae_and_miwae(x64):
     params = (jnp.asarray(-0.3), jnp.asarray(0.1), jnp.asarray(0.3))  # mean, log-scale, theta
     proposal = lambda p: distrax.Normal(p[0], jnp.exp(p[1]))
     group_log_weights = lambda key, p: jnp.stack(
-        [ej.log_weights(jax.random.fold_in(key, m), x, _truncated_model(p[2]), proposal(p), num_samples=K) for m in range(M)]
+        [ej.log_weights(jax.random.fold_in(key, m), x, truncated_model(p[2]), proposal(p), num_samples=K) for m in range(M)]
     )
     empty_groups = lambda key: int(np.isneginf(np.asarray(group_log_weights(key, params))).all(axis=1).sum())
     some_zero = next(k for k in map(jax.random.key, range(100)) if empty_groups(k) == 0 and np.isneginf(np.asarray(group_log_weights(k, params))).any())
@@ -145,7 +138,7 @@ def test_piwae_with_zero_weights_routes_like_iwae_and_miwae(x64):
         def miwae_of_positive_groups(p):
             return jnp.sum(jax.nn.logsumexp(group_log_weights(key, p)[positive], axis=1)) / M
 
-        piwae = lambda p: ej.partial_iwae_bound(key, x, _truncated_model(p[2]), proposal(p), num_groups=M, num_samples=K)
+        piwae = lambda p: ej.partial_iwae_bound(key, x, truncated_model(p[2]), proposal(p), num_groups=M, num_samples=K)
         value, grad = jax.value_and_grad(piwae)(params)
         np.testing.assert_allclose(value, np.log(np.mean(np.exp(lw))), rtol=1e-12)
         np.testing.assert_allclose(grad[2], jax.grad(iwae_all)(params)[2], rtol=1e-10)
@@ -153,7 +146,7 @@ def test_piwae_with_zero_weights_routes_like_iwae_and_miwae(x64):
         np.testing.assert_allclose(grad[:2], g_miwae[:2], rtol=1e-10, atol=1e-12)
         assert np.all(np.isfinite(grad))
     far = (jnp.asarray(-8.0),) + params[1:]  # every weight 0: the value is -inf, and no gradient
-    value, grad = jax.value_and_grad(lambda p: ej.partial_iwae_bound(some_zero, x, _truncated_model(p[2]), proposal(p), num_groups=M, num_samples=K))(far)
+    value, grad = jax.value_and_grad(lambda p: ej.partial_iwae_bound(some_zero, x, truncated_model(p[2]), proposal(p), num_groups=M, num_samples=K))(far)
     assert value == -np.inf
     np.testing.assert_array_equal(grad, 0.0)
 

@@ -10,7 +10,7 @@ import pytest
 
 import elbojax as ej
 from elbojax import exact, snis
-from helpers import SE_LIMIT, assert_within_se, keys, mean_and_se_along_draws
+from helpers import SE_LIMIT, assert_within_se, keys, mean_and_se_along_draws, truncated_model
 
 
 
@@ -384,14 +384,6 @@ def test_score_estimators_with_one_or_no_positive_weight(x64):
     assert np.all(np.isfinite(jax.grad(estimate)(logits, none, ej.elbo, "score")))
 
 
-def _truncated_model(theta):
-    """z > 0 only: log p(x, z) = log 2 + log N(z; 0, 1) + log N(x; z + theta, 1), and -inf for z <= 0."""
-    def log_joint(x, z):
-        value = jnp.log(2.0) + jax.scipy.stats.norm.logpdf(z) + jax.scipy.stats.norm.logpdf(x - z - theta)
-        return jnp.where(z > 0, value, -jnp.inf)
-    return log_joint
-
-
 def test_dreg_with_zero_weights_matches_numpy_and_iwae(x64):
     """Value: the IWAE bound (was NaN: 0 * -inf). Proposal: sum_k w_k^2 dl_k/dz_k dz_k/dphi; model:
     sum_k w_k d log p / d theta, the IWAE gradient; zero-weight samples contribute nothing."""
@@ -400,10 +392,10 @@ def test_dreg_with_zero_weights_matches_numpy_and_iwae(x64):
 
     def estimate(p, gradient, **kwargs):
         mean, log_scale, theta = p
-        return ej.iwae_bound(key, x, _truncated_model(theta), distrax.Normal(mean, jnp.exp(log_scale)), num_samples=num, gradient=gradient, **kwargs)
+        return ej.iwae_bound(key, x, truncated_model(theta), distrax.Normal(mean, jnp.exp(log_scale)), num_samples=num, gradient=gradient, **kwargs)
 
     mean, log_scale, theta = map(float, params)
-    z, log_weights = snis.importance_samples(key, x, _truncated_model(theta), distrax.Normal(mean, np.exp(log_scale)), num_samples=num)
+    z, log_weights = snis.importance_samples(key, x, truncated_model(theta), distrax.Normal(mean, np.exp(log_scale)), num_samples=num)
     z, log_weights = np.asarray(z), np.asarray(log_weights)
     assert np.isneginf(log_weights).any() and np.isfinite(log_weights).any()
     weights = np.exp(log_weights - np.log(np.sum(np.exp(log_weights))))
