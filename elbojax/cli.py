@@ -258,13 +258,15 @@ def _config_from(args) -> dict:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-points must be >= 0 (0 for all), got {args.eval_points}")
-    if args.checkpoint_every % args.steps_per_call:
+    # The checks across settings are for a new run: a resumed one keeps its own settings, which
+    # passed them when it started (a given flag that differs is ignored or refused by _resolve_run).
+    if not args.resume and args.checkpoint_every % args.steps_per_call:
         raise SystemExit(f"elbojax: --checkpoint-every ({args.checkpoint_every}) must be a multiple of --steps-per-call ({args.steps_per_call})")
     for name, bound in (("learning_rate", "> 0"), ("beta", ">= 0"), ("free_bits", ">= 0")):
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and value <= FLOAT32_MAX and (value > 0 if bound == "> 0" else value >= 0)):
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be {bound} and finite in float32 (at most {FLOAT32_MAX:.4g}), got {value}")
-    if args.model == "two-layer" and (args.prior != "standard" or args.decoder != "bernoulli"):
+    if not args.resume and args.model == "two-layer" and (args.prior != "standard" or args.decoder != "bernoulli"):
         raise SystemExit("elbojax: --model two-layer has its own hierarchical prior and a Bernoulli decoder; leave --prior and --decoder at their defaults")
     config = {name: getattr(args, name) for name in (
         "data", "model", "objective", "num_samples", "gradient", "kl", "kl_warmup", "beta", "free_bits",
@@ -276,7 +278,8 @@ def _config_from(args) -> dict:
     config["data_dir"] = None if args.data_dir is None else os.path.abspath(os.path.expanduser(args.data_dir))
     # Incompatible choices are refused now, before any data are loaded.
     try:
-        _objective(config)
+        if not args.resume:
+            _objective(config)
     except ValueError as error:
         raise SystemExit(f"elbojax: {error}") from None
     return config

@@ -61,6 +61,7 @@ from flax import nnx
 from elbojax import _checks
 from elbojax._keys import fold_in_many
 from elbojax.estimators import elbo, iwae_bound
+from elbojax.proposals import MultivariateNormalDiag
 
 LocalObjective = Callable[[jax.Array, Any, Any, Any], jax.Array]
 """`objective(key, model, x, phi) -> scalar`: the bound to maximise for one data point (higher is better)."""
@@ -106,10 +107,12 @@ def _check_diagonal_gaussian(phi, name: str = "phi") -> None:
 def diagonal_gaussian(phi: DiagonalGaussian) -> distrax.MultivariateNormalDiag:
     r"""$q_\phi = \mathcal{N}(\mu, \mathrm{diag}\, e^{2s})$ from `DiagonalGaussian(loc, log_scale)`.
 
-    The `make_proposal` of the mean-field family (`GAUSSIAN`).
+    The `make_proposal` of the mean-field family (`GAUSSIAN`). The same class as the encoders'
+    $q_\psi(z \mid x)$ (`proposals.MultivariateNormalDiag`), so that for one key both draw the
+    same noise $\epsilon$: `gaps.inference_gaps` pairs their ELBOs on common random numbers.
     """
     _check_diagonal_gaussian(phi)
-    return distrax.MultivariateNormalDiag(phi.loc, jnp.exp(phi.log_scale))
+    return MultivariateNormalDiag(phi.loc, jnp.exp(phi.log_scale))
 
 
 def diagonal_gaussian_from(proposal) -> DiagonalGaussian:

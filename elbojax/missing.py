@@ -206,10 +206,12 @@ def masked_gaussian_log_likelihood(x, mean, log_scale, mask):
     """
     shape = check_gaussian_arguments(x, mean, log_scale)
     mask = jnp.ravel(_check_mask(mask, shape))
-    # Fill before the arithmetic, so that a NaN at a missing entry reaches neither value nor gradient.
+    # Fill before the arithmetic, so that a NaN at a missing entry reaches neither value nor
+    # gradient, and neither does an overflow there (exp(-log_scale) = inf, then 0 * inf = NaN).
     x = jnp.where(mask, jnp.ravel(x), 0.0)
-    log_scale = jnp.ravel(jnp.broadcast_to(log_scale, shape))
-    standardized = (x - jnp.ravel(mean)) * jnp.exp(-log_scale)
+    mean = jnp.where(mask, jnp.ravel(mean), 0.0)
+    log_scale = jnp.where(mask, jnp.ravel(jnp.broadcast_to(log_scale, shape)), 0.0)
+    standardized = (x - mean) * jnp.exp(-log_scale)
     terms = 0.5 * standardized**2 + log_scale + 0.5 * LOG_2PI
     return -jnp.sum(jnp.where(mask, terms, 0.0), axis=-1)
 

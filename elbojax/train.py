@@ -17,10 +17,14 @@ across several devices, therefore draws exactly the same samples.
 (checked through the gradient's global norm, which also catches a norm that overflows), the
 update is discarded: the parameters and the optimizer state stay as they were,
 and the skip is counted (`TrainState.num_skipped`, `TrainState.skipped_in_a_row`); the host loop
-stops a run after too many in a row. A NaN never reaches the parameters. The scanned form
-(`make_multi_step`) checks the gradients once per call instead of once per step: it runs the
-steps unchecked, and only if a loss or the state it ends with is not finite does it run them
-again from the state it was given, checking every step (see there).
+stops a run after too many in a row. The scanned form (`make_multi_step`) checks the gradients
+once per call instead of once per step: it runs the steps unchecked, and only if a loss or the
+state it ends with is not finite does it run them again from the state it was given, checking
+every step (see there). A finite gradient can still make a non-finite update (an infinite
+learning rate): a single step (`make_step`, `step.in_loop`) checks only the loss and the
+gradient and applies it, while `make_multi_step` also checks the state its checked steps end
+with and undoes the whole call if it is not finite. So in `fit`, which runs `make_multi_step`,
+a NaN never reaches the parameters.
 
 `objective(...)` builds the batch objective: the ELBO (closed-form or sampled KL) or the IWAE
 bound, with any gradient estimator, KL annealing, $\beta$ and free bits. `make_multi_step` runs
@@ -96,7 +100,8 @@ class TrainState(NamedTuple):
       params: the model's `nnx.Param` state as a plain nested dict of arrays
         (`nnx.to_pure_dict`); `nnx.merge(graphdef, params)` gives the model back.
       opt_state: the optax state (its moments are dicts of the same structure).
-      num_skipped: `int32[]`, steps skipped because the loss or a gradient was not finite.
+      num_skipped: `int32[]`, steps skipped because the loss or a gradient was not finite, or
+        undone with their whole call by `make_multi_step` because the update was not.
       skipped_in_a_row: `int32[]`, the current run of consecutive skipped steps.
     """
 
@@ -116,7 +121,8 @@ class StepInfo(NamedTuple):
       kl_weight: the weight on the KL term at this step.
       grad_norm: the global norm of the gradient; NaN where it was not computed (the steps of
         `make_multi_step` when its one check per call passed).
-      finite: whether the step was applied (loss and gradients finite).
+      finite: whether the step was applied (loss and gradients finite, and in `make_multi_step`
+        the state its call ended with).
     """
 
     objective: jax.Array

@@ -66,6 +66,12 @@ def test_a_plain_resume_takes_the_runs_own_model_settings(run, capsys):
         cli.main(["train", "--run-dir", str(run), "--resume", "--latent-d=3", *quick])
     with pytest.raises(SystemExit, match=r"cannot resume .*hidden: checkpoint \[32\], flags \[8\]"):
         cli.main(["train", "--run-dir", str(run), "--resume", "--config", _config_file(run.parent, {"hidden": [8]}), *quick])
+    # An ignored flag is not checked against the run's own settings (steps per call against its
+    # checkpoint interval, free bits against its IWAE objective): it is ignored, as it says.
+    saved = json.loads((run / "config.json").read_text())
+    bigger = str(saved["checkpoint_every"] * 2)
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--steps-per-call", bigger, "--free-bits", "0.5", *quick]) == 0
+    assert "ignoring --free-bits, --steps-per-call" in capsys.readouterr().out
 
 
 def test_a_batch_larger_than_the_data_writes_no_run(tmp_path):

@@ -71,6 +71,16 @@ def test_nothing_missing_is_the_unmasked_model_to_the_bit(likelihood):
         assert masked == unmasked, (masked, unmasked)
 
 
+def test_a_missing_entry_with_an_extreme_scale_leaks_nothing_into_the_gradient():
+    """float32, log_scale = -95 at the missing entry: exp(95) overflows there, which must not reach
+    the value or the gradient (0 * inf = NaN through the mask)."""
+    x, mean = jnp.array([0.5, 0.25]), jnp.array([0.5, 0.0])
+    log_scale, observed = jnp.array([0.0, -95.0]), jnp.array([True, False])
+    value, (grad_mean, grad_log_scale) = jax.value_and_grad(missing.masked_gaussian_log_likelihood, argnums=(1, 2))(x, mean, log_scale, observed)
+    np.testing.assert_allclose(value, -0.5 * np.log(2 * np.pi), rtol=1e-6)
+    assert grad_mean.tolist() == [0.0, 0.0] and grad_log_scale.tolist() == [-1.0, 0.0]
+
+
 def test_nothing_missing_on_the_linear_gaussian_and_the_two_layer_vae_to_the_bit(x64):
     model, x = _linear_gaussian(0)
     two_layer = nnx.jit(lambda: models.TwoLayerVAE(12, (4, 2), hidden_q=((6,), (4,)), hidden_p=((4,), (6,)), rngs=nnx.Rngs(0)))()

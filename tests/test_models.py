@@ -152,6 +152,15 @@ def test_fused_bernoulli_is_exact_for_huge_logits(x64):
     np.testing.assert_allclose(bernoulli_log_likelihood(x, logits), expected, rtol=RTOL)
 
 
+def test_fused_bernoulli_propagates_a_nan_in_x():
+    """A NaN entry is neither 1 nor 0: the log-likelihood is NaN, as distrax's (it was read as 0)."""
+    logits = jnp.array([0.3, 2.0, -1.0])
+    x = jnp.array([1.0, jnp.nan, 0.0])
+    assert np.isnan(distrax.Independent(distrax.Bernoulli(logits=logits), 1).log_prob(x))
+    assert np.isnan(bernoulli_log_likelihood(x, logits)) and np.isnan(jax.jit(bernoulli_log_likelihood)(x, logits))
+    assert np.isnan(jax.grad(bernoulli_log_likelihood, argnums=1)(x, logits)[1])
+
+
 def test_fused_bernoulli_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"`logits` must have shape \(3,\) \(the shape of `x`\), got \(2, 3\)"):
         bernoulli_log_likelihood(jnp.ones(3), jnp.zeros((2, 3)))

@@ -40,7 +40,9 @@ def bernoulli_log_likelihood(x, logits):
       \log(1 - \sigma(\ell_i)) = -\mathrm{softplus}(\ell_i) & x_i = 0, \end{cases}$$
 
     computed as `-sum(softplus(where(x > 0.5, -logits, logits)))` (with `softplus` above): exact and stable for binary
-    `x` (for any logit, however large), and one fused pass (see the module notes on speed).
+    `x` (for any logit, however large), and one fused pass (see the module notes on speed). A NaN
+    in `x` makes the result NaN (it is not read as 0): a missing entry goes through
+    `elbojax.missing`, which masks it, and anything else is a bug that must not vanish.
 
     Args:
       x: one binary data point, any shape, dtype bool, integer or float. Values are read as
@@ -52,7 +54,10 @@ def bernoulli_log_likelihood(x, logits):
       A scalar.
     """
     check_shape(logits, jnp.shape(x), "logits", " (the shape of `x`)")
-    return -jnp.sum(softplus(jnp.where(x > 0.5, -logits, logits)))
+    signed = jnp.where(x > 0.5, -logits, logits)
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):  # a NaN x is neither 1 nor 0: NaN, value and gradient
+        signed = signed + jnp.where(jnp.isnan(x), jnp.nan, 0.0).astype(signed.dtype)
+    return -jnp.sum(softplus(signed))
 
 
 def check_gaussian_arguments(x, mean, log_scale) -> tuple[int, ...]:
