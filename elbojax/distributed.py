@@ -180,6 +180,9 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     def place(leaf):
         if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
             return leaf
+        if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            # A typed PRNG key (e.g. in `optax.noisy_sgd`'s state): numpy cannot hold it; its words can.
+            return jax.random.wrap_key_data(place(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf))
         value = np.asarray(leaf)
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 

@@ -737,8 +737,8 @@ def _save(manager, step: int, state: TrainState) -> None:
     """
     import orbax.checkpoint as ocp
 
-    leaves = jax.tree.leaves(distributed.to_host((state.params, state.opt_state)))
-    if not all(np.isfinite(leaf).all() for leaf in leaves if np.issubdtype(leaf.dtype, np.inexact)):
+    leaves = [leaf for leaf in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    if not all(np.isfinite(leaf).all() for leaf in distributed.to_host(leaves)):
         raise RuntimeError(
             f"Refusing to checkpoint step {step}: the parameters or optimizer state hold NaN or "
             f"infinite entries; the checkpoints in {manager.directory} are kept as they are."

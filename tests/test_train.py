@@ -225,6 +225,23 @@ def test_a_run_extended_from_a_step_between_calls_keeps_its_checkpoints(tmp_path
     _assert_same_params(extended, fit(tmp_path / "whole", 45))
 
 
+def test_an_optimizer_state_with_a_prng_key_trains_checkpoints_and_resumes(tmp_path):
+    """`optax.noisy_sgd` keeps a typed PRNG key in its state, which numpy cannot hold (`fit` failed
+    placing it on the devices); a resumed run still equals an uninterrupted one."""
+    def fit(run_dir, num_steps):
+        graphdef, state, _ = _fresh()
+        optimizer = optax.noisy_sgd(1e-2, key=0)
+        _, state = train.init(nnx.merge(graphdef, state.params), optimizer)
+        per_point = train.objective("iwae", num_samples=4)
+        return train.fit(graphdef, state, optimizer, per_point, IMAGES, run_dir=run_dir, config=CONFIG._replace(num_steps=num_steps), progress=False)
+
+    fit(tmp_path / "split", 20)
+    resumed = fit(tmp_path / "split", 30)
+    whole = fit(tmp_path / "whole", 30)
+    assert int(resumed.step) == 30
+    _assert_same_params(resumed, whole)
+
+
 def test_a_checkpoint_in_the_older_nnx_state_layout_resumes(tmp_path):
     """Checkpoints written when `TrainState.params` was an `nnx.State` (each leaf under a `value` key) still load."""
     import orbax.checkpoint as ocp
