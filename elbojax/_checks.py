@@ -89,3 +89,28 @@ def check_array_shape(array: Any, expected: tuple[int, ...], name: str) -> None:
     shape = jnp.shape(array)
     if tuple(shape) != tuple(expected):
         raise ValueError(f"`{name}` must have shape {tuple(expected)}, got {tuple(shape)}.")
+
+
+def check_scalar_log_prob(log_prob: Any, name: str) -> None:
+    """Require the `log q(z)` of ONE sample (a shape-dtype struct) to be a floating-point scalar.
+
+    A distribution with a batch shape gives one log-density per batch element; the estimators
+    vmap over samples themselves and would silently broadcast those into wrong weights.
+    """
+    shape = tuple(getattr(log_prob, "shape", ()))
+    dtype = getattr(log_prob, "dtype", None)
+    if shape != () or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"`{name}` must give one floating-point scalar log-density per sample "
+            f"(`{name}.sample_and_log_prob(seed=key)` -> (z, scalar log q(z))), got a log q(z) of shape "
+            f"{shape} and dtype {dtype}: it has a batch shape. For a vector of independent components "
+            f"use `distrax.Independent(..., 1)` or `distrax.MultivariateNormalDiag` (event shape, not "
+            f"batch shape); elbojax vmaps over samples itself."
+        )
+
+
+def check_scalar_closed_form(value: Any, what: str, hint: str) -> None:
+    """Require a closed-form KL or entropy (an array, its shape known at trace time) to be a scalar."""
+    shape = tuple(jnp.shape(value))
+    if shape != ():
+        raise ValueError(f"The closed-form {what} must be a scalar, got shape {shape}. {hint}")

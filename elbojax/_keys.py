@@ -50,20 +50,31 @@ def _threefry2x32(key1, key2, x1, x2):
     return x1, x2
 
 
-def fold_in_many(key, data):
+def fold_in_many(key, data, *, name: str = "data"):
     """`jax.random.fold_in(key, d)` for every entry `d` of `data`: keys of shape `data.shape`.
 
     Args:
       key: one PRNG key (a typed key, or a raw `uint32[2]` key).
       data: integers of any shape, read as `uint32` (as `jax.random.fold_in` reads them).
+        Floating-point or boolean data raise a `TypeError` at trace time (a float would be
+        truncated, so 0.2 and 0.9 would give the same key).
     """
-    data = jnp.asarray(data).astype(jnp.uint32)
+    data = jnp.asarray(data)
+    _check_integer_data(data, name)
+    data = data.astype(jnp.uint32)
     words = _threefry_words(key, "fold_in_many")
     if words is None:
         return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, data.ravel()).reshape(data.shape)
     y1, y2 = _threefry2x32(words[0], words[1], jnp.zeros_like(data), data)
     folded = jnp.stack([y1, y2], axis=-1)
     return jax.random.wrap_key_data(folded, impl=jax.random.key_impl(key)) if _is_typed(key) else folded
+
+
+def _check_integer_data(data, name: str) -> None:
+    if not jnp.issubdtype(data.dtype, jnp.integer):
+        raise TypeError(
+            f"`{name}` must be an integer array (indices folded into a PRNG key), got dtype {data.dtype}."
+        )
 
 
 def _is_typed(key) -> bool:

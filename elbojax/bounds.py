@@ -47,6 +47,8 @@ from elbojax.reductions import combine_expm1, summarize_expm1, summary_logmeanex
 def _check_real(value, name):
     if isinstance(value, jax.core.Tracer) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"`{name}` must be a Python float, got {value!r} of type {type(value).__name__}.")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite float, got {value}.")
     return float(value)
 
 

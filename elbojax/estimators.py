@@ -84,7 +84,8 @@ def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_si
     chunk_size = _checks.check_optional_positive_int(chunk_size, "chunk_size")
     _checks.check_callable(fn, fn_name)
     proposal = as_proposal(proposal, proposal_name)
-    z, _ = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
+    z, log_q = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
+    _checks.check_scalar_log_prob(log_q, proposal_name)
     _checks.check_scalar_output(fn, (x, z), fn_name)
     guard = None
     if not grads.is_reparameterizable(proposal, z):
@@ -523,6 +524,12 @@ def elbo_analytic_kl(
     """
     problem = _prepare(key, x, log_likelihood, "log_likelihood", proposal, "proposal", num_samples, chunk_size)
     kl = closed_form_kl(problem.proposal, as_proposal(prior, "prior"))
+    _checks.check_scalar_closed_form(
+        kl,
+        "KL(proposal || prior)",
+        "The `prior` must have the proposal's event shape and no batch shape (e.g. "
+        "`distrax.Independent(..., 1)` or `distrax.MultivariateNormalDiag` for independent components).",
+    )
     return _mean_of(problem) - kl
 
 
@@ -546,4 +553,10 @@ def elbo_entropy(
     """
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size)
     entropy = closed_form_entropy(problem.proposal)
+    _checks.check_scalar_closed_form(
+        entropy,
+        "entropy of `proposal`",
+        "The proposal must have no batch shape (e.g. `distrax.Independent(..., 1)` or "
+        "`distrax.MultivariateNormalDiag` for independent components).",
+    )
     return _mean_of(problem) + entropy

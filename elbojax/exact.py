@@ -21,6 +21,7 @@ import math
 import distrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elbojax import _checks
 
@@ -198,6 +199,13 @@ class GaussianToy:
 
     mean: jax.Array
 
+    def __post_init__(self):
+        # As in LinearGaussian: check only when the leaf is an array with a shape (not a tracer
+        # sentinel of a JAX transformation).
+        shape = getattr(self.mean, "shape", None)
+        if isinstance(shape, tuple) and len(shape) != 1:
+            raise ValueError(f"GaussianToy expects mean (D,), got shape {shape}.")
+
     @classmethod
     def random(cls, key, *, dim: int = 20, dtype=jnp.float32) -> "GaussianToy":
         """A toy with $\\mu \\sim \\mathcal{N}(0, I_D)$, as in the paper."""
@@ -318,15 +326,42 @@ class GaussianMixture:
         _checks.check_array_shape(x, (self.dim,), "x")
         return _diag_normal_log_prob(x, self.means, self.scales**2)
 
-    def log_likelihood(self, x, z):
-        r"""$\log \mathcal{N}(x; \mu_z, \sigma_z^2)$ for one integer component index `z` (shape `()`)."""
-        _checks.check_array_shape(x, (self.dim,), "x")
+    def _index(self, z):
+        r"""Check `z` (an integer of shape `()`) at trace time; return `(inside, safe_z)`.
+
+        `inside` says whether $0 \le z < C$; `safe_z` is `z` where inside, else 0, so that the
+        gather never clamps and the masked branch stays finite (no NaN gradient).
+        """
         _checks.check_array_shape(z, (), "z")
-        return _diag_normal_log_prob(x, self.means[z], self.scales[z] ** 2)
+        dtype = jnp.result_type(z)
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"`z` must be an integer component index in [0, {self.num_components}) of shape (), "
+                f"got dtype {dtype}."
+            )
+        z = jnp.asarray(z)
+        inside = z >= 0
+        if np.iinfo(dtype).max >= self.num_components:  # else every value of the dtype is < C
+            inside = inside & (z < np.array(self.num_components, dtype))
+        return inside, jnp.where(inside, z, jnp.zeros_like(z))
+
+    def log_likelihood(self, x, z):
+        r"""$\log \mathcal{N}(x; \mu_z, \sigma_z^2)$ for one integer component index `z` (shape `()`).
+
+        $-\infty$ for `z` outside $\{0, \dots, C-1\}$ (the model puts no mass there), never
+        another component's value.
+        """
+        _checks.check_array_shape(x, (self.dim,), "x")
+        inside, safe = self._index(z)
+        value = _diag_normal_log_prob(x, self.means[safe], self.scales[safe] ** 2)
+        return jnp.where(inside, value, -jnp.inf)
 
     def log_joint(self, x, z):
-        r"""$\log \pi_z + \log \mathcal{N}(x; \mu_z, \sigma_z^2)$."""
-        return jax.nn.log_softmax(self.logits)[z] + self.log_likelihood(x, z)
+        r"""$\log \pi_z + \log \mathcal{N}(x; \mu_z, \sigma_z^2)$; $-\infty$ for `z` outside $\{0, \dots, C-1\}$ ($\pi_z = 0$)."""
+        _checks.check_array_shape(x, (self.dim,), "x")
+        inside, safe = self._index(z)
+        value = jax.nn.log_softmax(self.logits)[safe] + _diag_normal_log_prob(x, self.means[safe], self.scales[safe] ** 2)
+        return jnp.where(inside, value, -jnp.inf)
 
     def _log_joint_all(self, x):
         return jax.nn.log_softmax(self.logits) + self.component_log_likelihoods(x)

@@ -22,10 +22,12 @@ near $\alpha = 1$ divides that number by $1 - \alpha$.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class LogWeightSummary(NamedTuple):
@@ -169,6 +171,18 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
       Kish, *Survey Sampling*, 1965; Owen, *Monte Carlo theory, methods and examples*, ch. 9.
     """
     log_weights = jnp.asarray(log_weights)
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"`axis` must be an int (the sample axis of `log_weights`), got {axis!r}.")
+    if log_weights.ndim == 0:
+        raise ValueError(
+            "`log_weights` must have at least one axis, the K log-weights along `axis` (shape (K,) "
+            f"for one data point); got shape {log_weights.shape}."
+        )
+    if not -log_weights.ndim <= axis < log_weights.ndim:
+        raise ValueError(
+            f"`axis` {axis} is out of range for `log_weights` of shape {log_weights.shape} "
+            "(the axis that holds the K log-weights)."
+        )
     lse = jax.nn.logsumexp(log_weights, axis=axis)
     lse_sq = jax.nn.logsumexp(2.0 * log_weights, axis=axis)
     all_zero = jnp.isneginf(lse)

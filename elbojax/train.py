@@ -885,6 +885,14 @@ def evaluate(
     from elbojax import diagnostics
     from elbojax.estimators import importance_log_marginal
 
+    import operator
+
+    try:  # a Python or numpy integer, or a concrete 0-d integer array; not a bool, a float or a tracer
+        if isinstance(seed, (bool, np.bool_)):
+            raise TypeError
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"`seed` must be an int (it seeds the evaluation's keys), got {seed!r} of type {type(seed).__name__}.") from None
     data = np.asarray(data)
     likelihood = _likelihood_of(graphdef, params)
     data_lib.check_for_likelihood(data, likelihood, "data")

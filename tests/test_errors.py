@@ -194,3 +194,58 @@ def test_a_nan_log_weight_propagates(toy, chunk_size):
 
     for value in run():
         assert np.isnan(value)
+
+
+def _jit_too(fn):
+    """Run `fn` eagerly and under `jax.jit`: the checks are at trace time, so both raise."""
+    return [fn, jax.jit(fn)]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "proposal",
+    [
+        distrax.MultivariateNormalDiag(jnp.zeros((1, 4)), jnp.ones((1, 4))),  # batch shape (1,): was (K, K)
+        distrax.Normal(jnp.zeros(4), jnp.ones(4)),  # batch shape (4,): was a broadcasting error
+    ],
+    ids=["mvn_batch_1", "normal_batch_4"],
+)
+def test_proposal_with_a_batch_shape_is_a_clear_error(toy, estimator, proposal):
+    model, x = toy
+    call = lambda: estimator(jax.random.key(0), x, model.log_joint, proposal, num_samples=4)
+    for run in _jit_too(call):
+        with pytest.raises(ValueError, match=r"`(proposal|prior)` must give one floating-point scalar log-density per sample.*shape \((1|4),\).*distrax\.Independent\(\.\.\., 1\)"):
+            run()
+
+
+def test_proposal_with_a_batch_shape_in_the_bounds_and_closed_forms(toy):
+    model, x = toy
+    q = distrax.Normal(jnp.zeros(4), 2 * jnp.ones(4))
+    key = jax.random.key(0)
+    calls = [
+        lambda: ej.renyi_bound(key, x, model.log_joint, q, alpha=0.5, num_samples=4),
+        lambda: ej.elbo_analytic_kl(key, x, model.log_likelihood, q, distrax.Normal(jnp.zeros(4), jnp.ones(4)), num_samples=4),
+        lambda: ej.elbo_entropy(key, x, model.log_joint, distrax.Normal(jnp.zeros(4), 1.0), num_samples=4),
+    ]
+    for call in calls:
+        for run in _jit_too(call):
+            with pytest.raises(ValueError, match=r"`proposal` must give one floating-point scalar log-density per sample"):
+                run()
+
+
+def test_closed_form_kl_with_a_batched_prior_is_a_clear_error(toy):
+    model, x = toy
+    batched_prior = distrax.MultivariateNormalDiag(jnp.zeros((2, 4)), jnp.ones((2, 4)))
+    call = lambda: ej.elbo_analytic_kl(jax.random.key(0), x, model.log_likelihood, model.prior, batched_prior, num_samples=4)
+    for run in _jit_too(call):
+        with pytest.raises(ValueError, match=r"closed-form KL\(proposal \|\| prior\) must be a scalar, got shape \(2,\)"):
+            run()
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), -float("inf")])
+def test_renyi_alpha_must_be_finite(toy, alpha):
+    model, x = toy
+    call = lambda: ej.renyi_bound(jax.random.key(0), x, model.log_joint, model.prior, alpha=alpha, num_samples=4)
+    for run in _jit_too(call):
+        with pytest.raises(ValueError, match=r"`alpha` must be a finite float, got (nan|inf|-inf)"):
+            run()

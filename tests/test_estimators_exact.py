@@ -157,3 +157,40 @@ def test_em_step_with_an_empty_component_gives_no_nan(x64):
     assert updated.logits[1] == -np.inf
     np.testing.assert_allclose(updated.mean_log_marginal(data), updated.mean_log_marginal(data))
     assert np.isfinite(updated.mean_log_marginal(data))
+
+
+def test_gaussian_toy_requires_a_1d_mean():
+    for bad in (jnp.zeros((3, 1)), jnp.array(0.0)):
+        with pytest.raises(ValueError, match=r"GaussianToy expects mean \(D,\)"):
+            exact.GaussianToy(bad)
+        with pytest.raises(ValueError, match=r"GaussianToy expects mean \(D,\)"):
+            jax.jit(exact.GaussianToy)(bad)
+    toy = jax.jit(exact.GaussianToy)(jnp.zeros(3))  # a pytree through jit, as before
+    assert toy.dim == 3
+
+
+def test_gaussian_mixture_component_index_is_an_in_range_integer():
+    from elbojax import discrete
+
+    gm = exact.GaussianMixture.random(jax.random.key(2), num_components=3, dim=2)
+    x0 = gm.sample(jax.random.key(3), 1)[0][0]
+    for fn in (gm.log_joint, gm.log_likelihood):
+        for bad in (jnp.array(True), jnp.array(1.0), 1.0):
+            with pytest.raises(TypeError, match=r"`z` must be an integer component index"):
+                fn(x0, bad)
+            with pytest.raises(TypeError, match=r"`z` must be an integer component index"):
+                jax.jit(fn)(x0, bad)
+        for z in (-1, 3, 7):
+            for z_array in (jnp.array(z), jnp.array(z, jnp.int8)):
+                assert fn(x0, z_array) == -jnp.inf
+                assert jax.jit(fn)(x0, z_array) == -jnp.inf
+        np.testing.assert_allclose(fn(x0, 2), jax.jit(fn)(x0, jnp.array(2, jnp.uint8)), rtol=1e-6)
+        assert np.isfinite(fn(x0, jnp.uint8(2)))
+    # Out-of-range classes add nothing: enumerating more classes than C keeps log p(x) exact.
+    np.testing.assert_allclose(discrete.enumerated_log_marginal(x0, gm.log_joint, 5), gm.log_marginal(x0), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(lambda x: discrete.enumerated_log_marginal(x, gm.log_joint, 5))(x0), gm.log_marginal(x0), rtol=1e-6
+    )
+    # No NaN gradient from the masked branch.
+    grads = jax.grad(lambda m: jnp.exp(m.log_joint(x0, jnp.array(7))))(gm)
+    assert all(bool(jnp.all(leaf == 0)) for leaf in jax.tree.leaves(grads))

@@ -260,3 +260,23 @@ def test_errors_name_what_was_expected():
     assert bool(info.finite) and not np.allclose(new_state.params.bias, state.params.bias)
     with pytest.raises(ValueError, match="num_inner_steps"):
         local.make_svi_step(graphdef, optax.sgd(0.1), objective=local.objective(), inner_optimizer=optax.sgd(0.1), num_inner_steps=0, seed=0)
+
+
+def test_point_keys_and_batch_indices_must_be_integers():
+    key = jax.random.key(0)
+    for bad in (jnp.array([0.2, 0.9, 1.5]), jnp.array([True, False, True])):
+        with pytest.raises(TypeError, match=r"`indices` must be an integer array"):
+            local.point_keys(key, bad)
+        with pytest.raises(TypeError, match=r"`indices` must be an integer array"):
+            jax.jit(local.point_keys)(key, bad)
+    np.testing.assert_array_equal(
+        jax.random.key_data(local.point_keys(key, jnp.arange(3, dtype=jnp.uint32))),
+        jax.random.key_data(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(3))),
+    )
+    model, data = _linear_gaussian(jnp.float32, 3)
+    phi = local.DiagonalGaussian(jnp.zeros((3, 3)), jnp.zeros((3, 3)))
+    kwargs = dict(objective=local.closed_form_objective(), optimizer=optax.sgd(1e-2), num_steps=2)
+    with pytest.raises(TypeError, match=r"`indices` must be an integer array"):
+        local.optimize_local_batch(key, model, data, phi, indices=jnp.arange(3.0), **kwargs)
+    with pytest.raises(TypeError, match=r"`indices` must be an integer array"):
+        jax.jit(lambda i: local.optimize_local_batch(key, model, data, phi, indices=i, **kwargs))(jnp.arange(3.0))

@@ -130,3 +130,16 @@ def test_expm1_summary_log_mean_exp_is_precise_and_combines(x64, values):
                 assert got == -np.inf
             else:
                 np.testing.assert_allclose(got, expected, rtol=rtol, atol=0, err_msg=str(dtype))
+
+
+def test_effective_sample_size_checks_its_axis():
+    from elbojax import reductions
+
+    with pytest.raises(ValueError, match=r"`log_weights` must have .*got shape \(\)"):
+        jax.jit(reductions.effective_sample_size)(jnp.array(1.0))
+    with pytest.raises(ValueError, match=r"`axis` 2 is out of range for `log_weights` of shape \(3, 4\)"):
+        reductions.effective_sample_size(jnp.zeros((3, 4)), axis=2)
+    with pytest.raises(TypeError, match=r"`axis` must be an int"):
+        reductions.effective_sample_size(jnp.zeros((3, 4)), axis=0.5)
+    np.testing.assert_allclose(reductions.effective_sample_size(jnp.zeros((3, 4)), axis=0), np.full(4, 3.0), rtol=1e-6)
+    np.testing.assert_allclose(reductions.effective_sample_size(jnp.zeros((3, 4)), axis=-2), np.full(4, 3.0), rtol=1e-6)

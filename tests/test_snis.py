@@ -168,3 +168,12 @@ def test_resample_with_a_nan_log_weight_gives_indices_in_range_and_a_nan_ess():
         indices = jax.jit(snis.resample, static_argnums=2, static_argnames="method")(jax.random.key(0), log_weights, 8, method=method)
         assert indices.dtype == jnp.int32 and np.all((0 <= indices) & (indices < 4))
     assert np.isnan(ej.effective_sample_size(log_weights))
+
+
+def test_effective_sample_size_needs_a_sample_axis():
+    for fn in (snis.effective_sample_size, ej.effective_sample_size):
+        with pytest.raises(ValueError, match=r"`log_weights` must have .*got shape \(\)"):
+            fn(jnp.array(1.0))
+        with pytest.raises(ValueError, match=r"`log_weights` must have .*got shape \(\)"):
+            jax.jit(fn)(jnp.array(1.0))
+    np.testing.assert_allclose(snis.effective_sample_size(jnp.zeros(4)), 4.0, rtol=1e-6)

@@ -382,3 +382,11 @@ def test_evaluate_reports_consistent_numbers(setup):
     gaussian = models.VAE(models.GaussianMLPEncoder(6, 2, (8,), rngs=rngs), models.GaussianMLPDecoder(2, 6, (8,), rngs=rngs), models.StandardNormalPrior(2))
     real = train.evaluate(*nnx.split(gaussian, nnx.Param), np.asarray(setup)[:6], num_samples=100, chunk_size=50, elbo_samples=10)
     assert np.isfinite(real.log_likelihood) and np.isnan(real.bits_per_dim)
+
+
+def test_evaluate_requires_an_integer_seed():
+    graphdef, state, _ = _fresh()
+    data = np.zeros((2, 6), np.float32)
+    for bad in (1.5, True, "0", None):
+        with pytest.raises(TypeError, match=r"`seed` must be an int"):
+            train.evaluate(graphdef, state.params, data, seed=bad, num_samples=4, chunk_size=4, elbo_samples=2)
