@@ -358,10 +358,8 @@ class GaussianMixture:
 
     def log_joint(self, x, z):
         r"""$\log \pi_z + \log \mathcal{N}(x; \mu_z, \sigma_z^2)$; $-\infty$ for `z` outside $\{0, \dots, C-1\}$ ($\pi_z = 0$)."""
-        _checks.check_array_shape(x, (self.dim,), "x")
-        inside, safe = self._index(z)
-        value = jax.nn.log_softmax(self.logits)[safe] + _diag_normal_log_prob(x, self.means[safe], self.scales[safe] ** 2)
-        return jnp.where(inside, value, -jnp.inf)
+        _, safe = self._index(z)
+        return jax.nn.log_softmax(self.logits)[safe] + self.log_likelihood(x, z)  # -inf outside
 
     def _log_joint_all(self, x):
         return jax.nn.log_softmax(self.logits) + self.component_log_likelihoods(x)

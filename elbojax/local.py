@@ -397,8 +397,6 @@ def optimize_local_batch(
     indices = jnp.arange(num_points) if indices is None else indices
     if jnp.shape(indices) != (num_points,):
         raise ValueError(f"`indices` must have shape ({num_points},), one per data point, got {jnp.shape(indices)}.")
-    if not jnp.issubdtype(jnp.result_type(indices), jnp.integer):
-        raise TypeError(f"`indices` must be an integer array (one index per data point), got dtype {jnp.result_type(indices)}.")
     fit = lambda k, x, p: optimize_local(k, model, x, p, objective=objective, optimizer=optimizer, num_steps=num_steps)
     return jax.vmap(fit)(point_keys(key, indices), data, phi)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from elbojax._keys import normal
 from elbojax.diagnostics import kl_per_dimension
 
-LOG_2PI = math.log(2 * math.pi)
+LOG_2PI = math.log(2.0 * math.pi)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -12,8 +12,7 @@ from flax import nnx
 
 from elbojax import _checks
 from elbojax.models._flat_matmul import flat_matmul
-
-LOG_2PI = math.log(2.0 * math.pi)
+from elbojax.proposals import LOG_2PI  # noqa: F401 (the models' modules import it from here)
 
 # Glorot-uniform kernels and zero biases: the initialisation of the IWAE code (nnet.Linear.random).
 KERNEL_INIT = nnx.initializers.glorot_uniform()
