@@ -355,7 +355,8 @@ def kl_per_dimension(proposal_mean, proposal_scale, prior_mean=0.0, prior_scale=
       prior_scale: $\sigma > 0$, broadcastable to `(d,)`; default 1.
 
     Returns:
-      Shape `(d,)`, each entry $\ge 0$ (in exact arithmetic). Non-positive scales give NaN.
+      Shape `(d,)`, each entry $\ge 0$ (in exact arithmetic). A zero proposal scale gives +inf (the limit), a
+      negative scale NaN.
     """
     proposal_mean, proposal_scale, prior_mean, prior_scale = map(
         jnp.asarray, (proposal_mean, proposal_scale, prior_mean, prior_scale)

@@ -226,10 +226,22 @@ class FlowEncoder(nnx.Module):
             activation=activation, max_log_scale=max_log_scale, rngs=rngs, param_dtype=param_dtype,
         )
 
+    @property
+    def reads_missing(self) -> bool:
+        """The base's (`elbojax.missing`): `True` if it takes NaN at the missing entries and reads the mask from them."""
+        return bool(getattr(self.base, "reads_missing", False))
+
     def __call__(self, x) -> distrax.Transformed:
-        r"""$q_\psi(z \mid x)$ for one `x` of shape `(data_dim,)`."""
+        r"""$q_\psi(z \mid x)$ for one `x` of shape `(data_dim,)`.
+
+        With a base that `reads_missing`, `x` may hold NaN at missing entries: the base reads
+        them, and the conditioners see 0 there.
+        """
         check_shape(x, (self.data_dim,), "x", ONE_POINT)
-        return self.flow(self.base(x), x if self.condition_on_x else None)
+        context = x if self.condition_on_x else None
+        if context is not None and self.reads_missing and jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            context = jnp.where(jnp.isnan(x), 0.0, x)
+        return self.flow(self.base(x), context)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ MNIST 0 is the background. Its drawback is that the encoder cannot tell a missin
 observed 0; `MissingAwareEncoder` also reads the mask (the zero-filled $x$ concatenated with $m$;
 see also Collier et al. 2020), which costs a $2D$-wide first layer. An encoder says which it
 wants through its `reads_missing` attribute (`True`: it gets NaN at the missing entries and
-finds the mask itself).
+finds the mask itself); wrappers pass their encoder's on (`flows.FlowEncoder`,
+`ConditionalVAE.given(y)`).
 
 **Training on data with missing entries: NaN marks them.** `objective(...)` is a training
 objective for `elbojax.train.make_step` whose batch holds NaN where an entry is missing:
@@ -74,7 +75,7 @@ from elbojax import _checks, exact, snis
 from elbojax.estimators import elbo, iwae_bound
 from elbojax.models._layers import LOG_2PI, check_shape
 from elbojax.models.encoders import GaussianMLPEncoder
-from elbojax.models.likelihoods import check_gaussian_arguments, softplus
+from elbojax.models.likelihoods import check_gaussian_arguments, signed_logits, softplus
 from elbojax.models.hierarchical import TwoLayerVAE
 
 _NUMPY_TYPES = (np.ndarray, np.generic)
@@ -169,8 +170,9 @@ def masked_bernoulli_log_likelihood(x, logits, mask):
 
     $$\log p(x_{\mathrm{obs}} \mid \ell) = -\sum_i m_i\, \mathrm{softplus}(\pm \ell_i)$$
     (the sign as in `elbojax.models.bernoulli_log_likelihood`). Missing entries contribute
-    exactly 0 to the value and the gradient, whatever `x` holds there (NaN included). With every
-    entry observed it equals `bernoulli_log_likelihood(x, logits)` to the bit.
+    exactly 0 to the value and the gradient, whatever `x` holds there (NaN included); a NaN at an
+    observed entry makes the result NaN, as in `bernoulli_log_likelihood` (a wrong mask must not
+    pass unseen). With every entry observed it equals `bernoulli_log_likelihood(x, logits)` to the bit.
 
     Args:
       x: one binary data point, any shape (read as `x > 0.5`).
@@ -183,8 +185,8 @@ def masked_bernoulli_log_likelihood(x, logits, mask):
     shape = jnp.shape(x)
     check_shape(logits, shape, "logits", " (the shape of `x`)")
     mask = _check_mask(mask, shape)
-    x = jnp.where(mask, x, jnp.zeros((), jnp.asarray(x).dtype))
-    return -jnp.sum(jnp.where(mask, softplus(jnp.where(x > 0.5, -logits, logits)), 0.0))
+    x = jnp.where(mask, x, jnp.zeros((), jnp.asarray(x).dtype))  # a NaN at an observed entry stays: NaN
+    return -jnp.sum(jnp.where(mask, softplus(signed_logits(x, logits)), 0.0))
 
 
 def masked_gaussian_log_likelihood(x, mean, log_scale, mask):

@@ -286,6 +286,12 @@ def test_kl_per_dimension_known_values():
     np.testing.assert_allclose(got, [0.0, 0.5, 0.5 * (math.e**2 - 1) - 1, 0.5 * 1.5**2], rtol=1e-6, atol=0)
 
 
+def test_kl_per_dimension_of_a_zero_or_negative_scale():
+    """As documented: a zero proposal scale is the limit +inf, a negative one NaN."""
+    got = kl(jnp.zeros(2), jnp.array([0.0, -1.0]), 0.0, 1.0)
+    assert got[0] == np.inf and np.isnan(got[1])
+
+
 def test_kl_per_dimension_under_vmap():
     rng = np.random.default_rng(6)
     means = jnp.asarray(rng.normal(size=(5, 6)), jnp.float32)

@@ -280,6 +280,52 @@ def test_objective_on_nan_marked_batches_is_the_mean_masked_bound_and_trains():
     assert np.isfinite(float(analytic.objective)) and float(analytic.kl) > 0
 
 
+def test_a_nan_at_an_observed_entry_is_nan_not_an_observed_zero():
+    """A wrong mask (NaN marked observed) must not pass unseen: NaN, as `bernoulli_log_likelihood` gives.
+    A NaN at a missing entry is what the mask is for: it contributes nothing."""
+    x, logits = jnp.array([1.0, jnp.nan, 0.0]), jnp.array([0.3, -0.4, 1.2])
+    assert np.isnan(missing.masked_bernoulli_log_likelihood(x, logits, jnp.ones(3, bool)))
+    assert np.isnan(models.bernoulli_log_likelihood(x, logits))
+    observed = jnp.array([True, False, True])
+    value, grad = jax.value_and_grad(missing.masked_bernoulli_log_likelihood, argnums=1)(x, logits, observed)
+    expected = models.bernoulli_log_likelihood(x[::2], logits[::2])
+    assert value == expected and np.isfinite(grad).all() and grad[1] == 0.0
+
+
+def test_a_missing_aware_encoder_reads_the_mask_inside_a_flow_encoder_and_a_conditional_vae():
+    """`FlowEncoder(MissingAwareEncoder)` and `ConditionalVAE(MissingAwareEncoder).given(y)` pass
+    the NaN-marked `x` on to the encoder, which reads the mask; they are not fed zeros."""
+    from elbojax import flows
+
+    data_dim, latent_dim, num_classes = 6, 2, 3
+    x = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    mask = jnp.array([True, False, True, True, False, True])
+    marked = jnp.where(mask, x, jnp.nan)
+
+    def build():
+        rngs = nnx.Rngs(0)
+        aware = missing.MissingAwareEncoder(data_dim, latent_dim, (8,), rngs=rngs)
+        decoder = models.BernoulliMLPDecoder(latent_dim, data_dim, (8,), rngs=rngs)
+        flow = models.VAE(flows.FlowEncoder(aware, num_layers=2, hidden=(4,), rngs=rngs), decoder, models.StandardNormalPrior(latent_dim))
+        conditional = models.ConditionalVAE(
+            missing.MissingAwareEncoder(data_dim + num_classes, latent_dim, (8,), rngs=rngs),
+            models.BernoulliMLPDecoder(latent_dim + num_classes, data_dim, (8,), rngs=rngs),
+            models.StandardNormalPrior(latent_dim), num_classes=num_classes,
+        )
+        return flow, conditional
+
+    flow, conditional = nnx.jit(build)()
+    view = conditional.given(1)
+    for model in (flow, view):
+        assert missing.factorized(model).reads_missing
+    # The flow starts as the identity (zero last layers), so its base is the whole proposal.
+    base = missing.masked_proposal(flow, x, mask).distribution
+    np.testing.assert_array_equal(base.mean(), flow.encoder.base(marked).mean())
+    assert not np.allclose(base.mean(), flow.encoder.base(jnp.where(mask, x, 0.0)).mean())
+    np.testing.assert_array_equal(missing.masked_proposal(view, x, mask).mean(), view.proposal(marked).mean())
+    assert np.isfinite(missing.masked_elbo(jax.random.key(0), x, mask, flow, num_samples=3))
+
+
 def test_missing_aware_encoder_reads_the_mask_from_nan():
     graphdef, state = nnx.split(_vae("bernoulli", missing_aware=True))
     x = jnp.linspace(0.0, 1.0, 12)

@@ -256,6 +256,11 @@ class GivenLabel:
     def latent_dim(self) -> int:
         return self.model.latent_dim
 
+    @property
+    def reads_missing(self) -> bool:
+        """The encoder's (`elbojax.missing`): `True` if it takes NaN at the missing entries of `x`."""
+        return bool(getattr(self.model.encoder, "reads_missing", False))
+
     def decoder(self, z):
         return self.model.decoder_output(z, self.y)
 

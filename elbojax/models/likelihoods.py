@@ -54,10 +54,18 @@ def bernoulli_log_likelihood(x, logits):
       A scalar.
     """
     check_shape(logits, jnp.shape(x), "logits", " (the shape of `x`)")
+    return -jnp.sum(softplus(signed_logits(x, logits)))
+
+
+def signed_logits(x, logits):
+    r"""$s_i = -\ell_i$ where $x_i > 0.5$, else $\ell_i$, so that $\log p(x_i \mid \ell_i) = -\mathrm{softplus}(s_i)$.
+
+    A NaN in a float `x` gives NaN there (value and gradient): it is neither 1 nor 0.
+    """
     signed = jnp.where(x > 0.5, -logits, logits)
-    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):  # a NaN x is neither 1 nor 0: NaN, value and gradient
+    if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
         signed = signed + jnp.where(jnp.isnan(x), jnp.nan, 0.0).astype(signed.dtype)
-    return -jnp.sum(softplus(signed))
+    return signed
 
 
 def check_gaussian_arguments(x, mean, log_scale) -> tuple[int, ...]:
