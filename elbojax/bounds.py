@@ -71,8 +71,11 @@ def renyi_bound(
     $\alpha = 0$ gives `iwae_bound`, $\alpha = 1$ (the limit) the ELBO, both on the same
     samples; for fixed samples it is non-increasing in $\alpha$ (a power mean of the weights).
     The exact $\mathcal L_\alpha$ lies below $\log p(x)$ for $\alpha > 0$ and above it for
-    $\alpha < 0$; the $K$-sample estimate is biased downward from $\mathcal L_\alpha$ (less so as
-    $K$ grows), so it is a lower bound on $\log p(x)$ in expectation for $\alpha \ge 0$.
+    $\alpha < 0$. The $K$-sample estimate is biased from $\mathcal L_\alpha$ (less so as $K$
+    grows): downward for $\alpha < 1$ and upward for $\alpha > 1$ (Jensen's inequality turns
+    with the sign of $1/(1-\alpha)$). For $\alpha \ge 0$ it is a lower bound on $\log p(x)$ in
+    expectation either way: below `iwae_bound` on the same samples for $\alpha \le 1$ (whose
+    mean lies below $\log p(x)$), and below the ELBO estimate for $\alpha \ge 1$.
 
     **Near $\alpha = 1$.** With $x_k = (1-\alpha)\ell_k$, the log-mean-exp is read from
     $\sum_k \operatorname{expm1}(x_k - \max_j x_j)$ while those terms are small

@@ -144,24 +144,52 @@ def is_reparameterizable(proposal, sample) -> bool:
     return _declared_reparameterized(proposal) and not _has_discrete_leaf(sample)
 
 
+# distrax distributions whose samples carry no pathwise gradient to some parameter: discrete
+# draws (also with a float dtype), a component chosen discretely (mixtures), or rounding.
+_NOT_PATHWISE = tuple(
+    getattr(distrax, name)
+    for name in ("Bernoulli", "Categorical", "CategoricalUniform", "EpsilonGreedy", "Greedy", "MixtureOfTwo",
+                 "MixtureSameFamily", "Multinomial", "OneHotCategorical", "Quantized", "Softmax")
+    if hasattr(distrax, name)
+)
+
+
 def _declared_reparameterized(proposal) -> bool:
     """What the proposal says of its samples' pathwise gradient.
 
     A TFP distribution says it with `reparameterization_type` (every node of a joint's dict or
-    list). distrax says nothing, and its `MixtureSameFamily` draws the component discretely: the
-    samples carry no gradient to the mixture weights, so a pathwise gradient would be silently
-    wrong. It counts as not reparameterizable, also inside `Transformed` and `Independent`.
+    list, nested joints flattened). distrax says nothing, so its distributions whose samples carry
+    no gradient to some parameter count as not reparameterizable: the discrete ones (a
+    `Bernoulli` with a float dtype draws floats, but still discretely), the mixtures
+    (`MixtureSameFamily`, `MixtureOfTwo`, `CategoricalUniform` draw the component discretely, so
+    the samples carry no gradient to the mixture weights) and `Quantized` (rounded samples). A
+    pathwise gradient through them would be silently wrong. The check looks inside
+    `Transformed`, `Independent`, `Clipped` (any distrax distribution with a `distribution`)
+    and every member of a `Joint`. distrax's `straight_through_wrapper` classes pass: their
+    biased gradient is asked for by name.
     """
-    inner = proposal.distribution if isinstance(proposal, TFPProposal) else proposal
-    while isinstance(inner, (distrax.Transformed, distrax.Independent)):
-        inner = inner.distribution
-    if isinstance(inner, distrax.MixtureSameFamily):
-        return False
-    kind = getattr(inner, "reparameterization_type", None)
-    if kind is None:
-        return True
-    kinds = list(kind.values()) if isinstance(kind, dict) else list(kind) if isinstance(kind, (list, tuple)) else [kind]
-    return all("FULLY_REPARAMETERIZED" in str(k).upper() for k in kinds)
+    return _not_pathwise_part(_unwrapped(proposal)) is None
+
+
+def _unwrapped(proposal):
+    return proposal.distribution if isinstance(proposal, TFPProposal) else proposal
+
+
+def _not_pathwise_part(distribution):
+    """The (innermost) part of `distribution` whose samples carry no pathwise gradient, or None."""
+    if isinstance(distribution, _NOT_PATHWISE):
+        straight_through = type(distribution).__name__.startswith(("StraighThrough", "StraightThrough"))
+        return None if straight_through else distribution
+    if isinstance(distribution, distrax.Joint):
+        members = jax.tree.leaves(distribution.distributions, is_leaf=lambda d: isinstance(d, distrax.Distribution))
+        return next((part for part in map(_not_pathwise_part, members) if part is not None), None)
+    wrapped = getattr(distribution, "distribution", None)
+    if isinstance(distribution, distrax.Distribution) and isinstance(wrapped, distrax.Distribution):
+        return _not_pathwise_part(wrapped)
+    kind = getattr(distribution, "reparameterization_type", None)
+    if kind is None or all("FULLY_REPARAMETERIZED" in str(k).upper() for k in jax.tree.leaves(kind)):
+        return None
+    return distribution
 
 
 def _has_discrete_leaf(sample) -> bool:
@@ -169,10 +197,12 @@ def _has_discrete_leaf(sample) -> bool:
 
 
 def not_reparameterizable_message(proposal, gradient: str) -> str:
-    inner = proposal.distribution if isinstance(proposal, TFPProposal) else proposal
+    inner = _unwrapped(proposal)
+    part = _not_pathwise_part(inner)
+    name = type(inner).__name__ + (f" (its {type(part).__name__})" if part is not None and part is not inner else "")
     return (
         f"gradient={gradient!r} needs a reparameterizable proposal, but "
-        f"{type(inner).__name__} cannot be reparameterized (its samples are discrete, or its "
+        f"{name} cannot be reparameterized (its samples are discrete, or its "
         "reparameterization_type is not FULLY_REPARAMETERIZED). "
         "Use gradient='score' or 'vimco', enumerate the latent (elbojax.discrete), or a relaxation."
     )

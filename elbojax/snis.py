@@ -143,7 +143,9 @@ def posterior_expectation(f_values, log_weights) -> SNISEstimate:
     weights = normalized_weights(log_weights).astype(jnp.result_type(f_values.dtype, log_weights.dtype))
     weights = weights.reshape((num,) + (1,) * (f_values.ndim - 1))
     used = weights != 0  # NaN weights are used, so that a NaN log-weight makes the result NaN
-    mean = jnp.sum(jnp.where(used, weights * f_values, 0.0), axis=0)
+    # An unused f is replaced before any product: 0 * inf would be NaN in the gradient.
+    f_values = jnp.where(used, f_values, jnp.zeros((), f_values.dtype))
+    mean = jnp.sum(weights * f_values, axis=0)
     squared = jnp.where(used, (weights * (f_values - mean)) ** 2, 0.0)
     return SNISEstimate(mean, jnp.sqrt(jnp.sum(squared, axis=0)), effective_sample_size(log_weights))
 

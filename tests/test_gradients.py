@@ -236,6 +236,48 @@ def test_a_mixture_proposal_refuses_a_pathwise_gradient():
     assert not ej.gradients.is_reparameterizable(value(jnp.zeros(2))[1], jnp.zeros(()))  # also when wrapped
 
 
+def _joint_with_a_mixture(theta):
+    return distrax.Joint({"a": distrax.Normal(0.0, 1.0), "b": distrax.MixtureOfTwo(jax.nn.sigmoid(theta), distrax.Normal(-1.0, 1.0), distrax.Normal(1.0, 1.0))})
+
+
+def _tfp_nested_joint(theta):
+    from tensorflow_probability.substrates import jax as tfp
+
+    tfd = tfp.distributions
+    inner = tfd.JointDistributionNamed({"c": tfd.Bernoulli(logits=theta, dtype=jnp.float32), "d": tfd.Normal(0.0, 1.0)})
+    return tfd.JointDistributionSequential([tfd.Normal(0.0, 1.0), inner])
+
+
+@pytest.mark.parametrize("build, part", [
+    (lambda t: distrax.MixtureOfTwo(jax.nn.sigmoid(t), distrax.Normal(-1.0, 1.0), distrax.Normal(1.0, 1.0)), "MixtureOfTwo"),
+    (lambda t: distrax.Independent(distrax.Quantized(distrax.Normal(jnp.full(1, t), 1.0)), 1), r"Independent \(its Quantized\)"),
+    (lambda t: distrax.Bernoulli(logits=t, dtype=jnp.float32), "Bernoulli"),
+    (_joint_with_a_mixture, r"Joint \(its MixtureOfTwo\)"),
+    (_tfp_nested_joint, "JointDistributionSequential"),
+], ids=["mixture-of-two", "quantized", "float-bernoulli", "distrax-joint", "tfp-nested-joint"])
+def test_proposals_whose_samples_carry_no_pathwise_gradient_refuse_one(build, part):
+    """Float samples that carry no gradient to a parameter (a component or a bit drawn
+    discretely, a rounded draw) must refuse a pathwise gradient, not give a silently wrong one
+    (before: MixtureOfTwo's gradient came out 0.0002 +- 0.0011 against the exact -0.090)."""
+    log_joint = lambda x, z: -0.5 * sum(jnp.sum(leaf**2) for leaf in jax.tree.leaves(z))
+    value = lambda t, gradient="reparam": ej.elbo(jax.random.key(1), jnp.zeros(()), log_joint, build(t), num_samples=4, gradient=gradient)
+    assert np.isfinite(value(0.3))
+    with pytest.raises(ValueError, match=rf"needs a reparameterizable proposal, but {part} cannot"):
+        jax.grad(value)(0.3)
+    assert np.isfinite(jax.grad(lambda t: value(t, "score"))(0.3))
+
+
+def test_straight_through_and_continuous_distrax_proposals_stay_pathwise():
+    """distrax's straight-through wrapper asks for its biased gradient by name; continuous
+    distributions and their wrappers are reparameterizable."""
+    straight = distrax.straight_through_wrapper(distrax.OneHotCategorical)(logits=jnp.zeros(3), dtype=jnp.float32)
+    clipped = distrax.Independent(distrax.ClippedNormal(jnp.zeros(2), 1.0, -1.0, 1.0), 1)
+    joint = distrax.Joint({"a": distrax.Normal(0.0, 1.0), "b": distrax.Beta(2.0, 3.0)})
+    for q in (straight, clipped, joint):
+        sample = jax.eval_shape(lambda q=q: q.sample(seed=jax.random.key(0)))
+        assert ej.gradients.is_reparameterizable(q, sample), type(q).__name__
+
+
 def test_gradient_argument_errors(mixture):
     model, x, logits = mixture
     q = distrax.Categorical(logits=logits)

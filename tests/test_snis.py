@@ -43,6 +43,18 @@ def test_posterior_expectation_small_example_and_zero_weight_values_are_not_used
     assert np.isfinite(with_infinite.standard_error)
 
 
+def test_a_zero_weight_with_an_infinite_value_leaves_the_gradient_finite(x64):
+    """d mean / d l_k = w_k (f_k - mean), 0 for the zero weight: its infinite f must not make every
+    entry NaN through 0 * inf in the backward pass (it did)."""
+    log_weights, f_values = jnp.array([0.0, -jnp.inf, 1.0]), jnp.array([1.0, jnp.inf, 3.0])
+    estimate = lambda lw: snis.posterior_expectation(f_values, lw)
+    weights = jax.nn.softmax(log_weights)
+    mean = float(estimate(log_weights).mean)
+    grad = jax.grad(lambda lw: estimate(lw).mean)(log_weights)
+    np.testing.assert_allclose(grad, [weights[0] * (1.0 - mean), 0.0, weights[2] * (3.0 - mean)], rtol=1e-12)
+    assert np.isfinite(jax.grad(lambda lw: estimate(lw).standard_error)(log_weights)).all()
+
+
 def test_importance_samples_are_the_draws_of_log_weights(x64):
     model, x = _model_and_point(0)
 
