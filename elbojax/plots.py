@@ -42,7 +42,7 @@ def _grid(images, columns: int):
     """Tile `(n, 784)` images into one `(rows*28, columns*28)` array."""
     images = np.asarray(images).reshape(-1, 28, 28)
     rows = -(-images.shape[0] // columns)
-    canvas = np.ones((rows * 28, columns * 28))
+    canvas = np.zeros((rows * 28, columns * 28))  # empty cells white under gray_r
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         canvas[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = image
@@ -54,9 +54,10 @@ def training_curve(run_dir: Path) -> Path:
     plt = _pyplot()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in records]
-    kls = [r.get("kl", float("nan")) for r in records]
+    value = lambda record, name: float("nan") if record.get(name) is None else record[name]  # null: all skipped
+    kls = [value(r, "kl") for r in records]
     fig, (bound_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    bound_ax.plot(steps, [r["objective"] for r in records])
+    bound_ax.plot(steps, [value(r, "objective") for r in records])
     bound_ax.set_ylabel("training objective (nats, batch mean)")
     bound_ax.set_title("Training curve")
     kl_ax.plot(steps, kls, color="C1")
@@ -79,8 +80,9 @@ def reconstructions(run_dir: Path, model, test, *, seed: int, count: int = 10) -
     """Inputs (top row) next to their reconstructions E[x | z], z ~ q(z | x) (bottom row)."""
     plt = _pyplot()
     x = jnp.asarray(test[:count])
-    recon = jax.vmap(model.reconstruct)(jax.random.split(jax.random.key(seed), x.shape[0]), x)
-    fig, ax = plt.subplots(figsize=(count, 2.2))
+    count = x.shape[0]  # fewer test points than `count`: one column each
+    recon = jax.vmap(model.reconstruct)(jax.random.split(jax.random.key(seed), count), x)
+    fig, ax = plt.subplots(figsize=(max(count, 3), 2.2))
     ax.imshow(_grid(np.concatenate([np.asarray(x), np.asarray(recon)]), count), cmap="gray_r", vmin=0, vmax=1)
     ax.set_title("test inputs (top) and reconstructions (bottom)")
     ax.axis("off")
@@ -117,12 +119,18 @@ def latent_space(run_dir: Path, model, test, labels) -> Path | None:
         return None
     if means.shape[1] == 2:
         points, axes = means, ("z1", "z2")
+    elif means.shape[1] == 1:  # a 1-D latent: z1 against the label (or on a line)
+        other = np.zeros(len(means)) if labels is None else np.asarray(labels, float)
+        points, axes = np.column_stack([means[:, 0], other]), ("z1", "digit" if labels is not None else "")
     else:
         centred = means - means.mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        points, axes = centred @ vt[:2].T, ("principal component 1", "principal component 2")
+        points = centred @ vt[:2].T  # fewer than 2 components with fewer than 2 points: padded with 0
+        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
+        axes = ("principal component 1", "principal component 2")
     fig, ax = plt.subplots(figsize=(6, 5))
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels if labels is not None else None, cmap="tab10", s=6)
+    colours = {} if labels is None else {"c": labels, "cmap": "tab10"}
+    scatter = ax.scatter(points[:, 0], points[:, 1], s=6, **colours)
     if labels is not None:
         fig.colorbar(scatter, ax=ax, label="digit")
     ax.set_xlabel(axes[0])

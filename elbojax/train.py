@@ -616,7 +616,8 @@ def fit(
     """Train until `config.num_steps`, resuming from the latest checkpoint in `run_dir` if there is one.
 
     Checkpoints (orbax) are written every `config.checkpoint_every` steps and at the end, keeping
-    the last `config.keep_checkpoints`; metrics go to `run_dir/metrics.jsonl`, one line per call.
+    the last `config.keep_checkpoints`; metrics go to `run_dir/metrics.jsonl`, one line per call
+    (the objective and KL are means over the call's applied steps, `null` if every one was skipped).
     Because every key and batch is a function of the step, a run interrupted at any point (even
     killed) and resumed reaches the same parameters as an uninterrupted one, on any number of
     devices.
@@ -702,17 +703,16 @@ def fit(
             began = time.perf_counter()
             state, info = multi_step(state, batches, indices)
             info = distributed.to_host(info)
-            applied = lambda values: float(np.mean(np.where(info.finite, values, np.nan)))
-            objective_mean = applied(info.objective)
+            objective_mean = _applied_mean(info.objective, info.finite)
             record = {
-                "step": int(state.step), "objective": objective_mean, "kl": applied(info.kl),
+                "step": int(state.step), "objective": objective_mean, "kl": _applied_mean(info.kl, info.finite),
                 "kl_weight": float(info.kl_weight[-1]), "num_skipped": int(state.num_skipped),
                 "seconds": time.perf_counter() - began,
             }
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             bar.update(count)
-            bar.set_postfix(bound=f"{objective_mean:.2f}")
+            bar.set_postfix(bound="skipped" if objective_mean is None else f"{objective_mean:.2f}")
             step = int(state.step)
             if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
                 _save(manager, step, state)
@@ -726,6 +726,12 @@ def fit(
     bar.close()
     manager.close()
     return state
+
+
+def _applied_mean(values, finite) -> float | None:
+    """The mean of `values` over the steps whose update was applied (`finite`); None if none was."""
+    kept = np.asarray(values)[np.asarray(finite, bool)]
+    return float(kept.mean()) if kept.size else None
 
 
 def _save(manager, step: int, state: TrainState) -> None:

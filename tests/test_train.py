@@ -342,6 +342,25 @@ def test_fit_stops_after_too_many_non_finite_steps(tmp_path):
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((last.params, last.opt_state)))
 
 
+def test_metrics_average_the_applied_steps_of_a_call(tmp_path):
+    """One skipped step (NaN at step 2 of a 5-step call) leaves the call's metrics the mean of its
+    four applied steps (it made the whole line NaN); a call with every step skipped writes null."""
+    import json
+
+    graphdef, state, _ = _fresh()
+    base = train.objective("elbo", num_samples=1)
+
+    def marked(keys, model, batch, step):
+        terms = base(keys, model, batch, step)
+        return terms._replace(objective=jnp.where((step == 2) | (step >= 5), jnp.nan, terms.objective))
+
+    train.fit(graphdef, state, optax.adam(1e-2), marked, IMAGES, run_dir=tmp_path,
+              config=CONFIG._replace(num_steps=10, checkpoint_every=5, max_skipped_in_a_row=10), progress=False)
+    first, second = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert first["num_skipped"] == 1 and np.isfinite(first["objective"])
+    assert second["num_skipped"] == 6 and second["objective"] is None and second["kl"] is None
+
+
 @pytest.mark.parametrize("check", ["call", "step"])
 def test_a_call_whose_finite_gradients_give_a_non_finite_update_is_undone(setup, check):
     """An infinite learning rate: every gradient is finite, the first update is not. No check of

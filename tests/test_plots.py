@@ -1,0 +1,42 @@
+"""The run plots on edge cases: a 1-D latent, a single test point, fewer points than a row."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from elbojax import models, plots
+
+
+def _vae(latent_dim):
+    rngs = nnx.Rngs(0)
+    return models.VAE(
+        models.GaussianMLPEncoder(784, latent_dim, (8,), rngs=rngs),
+        models.BernoulliMLPDecoder(latent_dim, 784, (8,), rngs=rngs),
+        models.StandardNormalPrior(latent_dim),
+    )
+
+
+TEST = (np.random.default_rng(0).random((5, 784)) > 0.5).astype(np.float32)
+LABELS = np.arange(5)
+
+
+@pytest.mark.parametrize("latent_dim, points, labels", [(1, 5, LABELS), (1, 5, None), (3, 1, LABELS[:1]), (3, 5, None)])
+def test_latent_space_of_a_1d_latent_or_a_single_point(tmp_path, latent_dim, points, labels):
+    """A 1-D latent or a single point has fewer than two principal components (it raised IndexError)."""
+    path = plots.latent_space(tmp_path, _vae(latent_dim), TEST[:points], labels)
+    assert path.exists() and path.stat().st_size > 0
+
+
+def test_reconstructions_of_fewer_points_than_a_row_take_one_column_each(tmp_path):
+    """Three inputs: inputs on top, reconstructions below, three columns (it drew one row of six
+    and a black block)."""
+    grid = plots._grid(np.ones((6, 784)), 3)
+    assert grid.shape == (56, 84) and grid.min() == 1.0
+    assert plots._grid(np.ones((3, 784)), 2)[28:, 28:].max() == 0.0  # an empty cell is white under gray_r
+    path = plots.reconstructions(tmp_path, _vae(2), TEST[:3], seed=0)
+    assert path.exists()
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width <= 1.5 * height  # a figure three columns wide, not ten
