@@ -71,15 +71,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_device_flags(train.add_argument_group("devices (see README: Scaling out)"))
     evaluation = train.add_argument_group("evaluation")
     evaluation.add_argument("--eval-samples", type=int, default=5000, help="K for the test log-likelihood (default 5000)")
-    evaluation.add_argument("--eval-points", type=int, default=500, help="test points to evaluate at the end (default 500; 0 for all)")
+    evaluation.add_argument("--eval-points", type=int, default=500, help="test points to evaluate at the end, evenly spaced through the test set (default 500; 0 for all)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test set")
     evaluate.add_argument("run_dir", type=Path)
     evaluate.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: the run's own, from its config.json)")
     evaluate.add_argument("--eval-samples", type=int, default=5000)
-    evaluate.add_argument("--eval-points", type=int, default=0, help="test points (default 0: all)")
+    evaluate.add_argument("--eval-points", type=int, default=0, help="test points, evenly spaced through the test set (default 0: all)")
     evaluate.add_argument("--gaps", action="store_true", help="also the approximation and amortization gaps (Cremer et al. 2018): a table, gaps.png and gaps.json")
-    evaluate.add_argument("--gap-points", type=int, default=50, help="test points for the gaps (default 50)")
+    evaluate.add_argument("--gap-points", type=int, default=50, help="test points for the gaps, evenly spaced (default 50)")
     evaluate.add_argument("--gap-steps", type=int, default=300, help="optimizer steps of each point's local fit (default 300)")
     evaluate.add_argument("--gap-flow", action="store_true", help="also fit a coupling flow per point: how much a richer q shrinks the approximation gap")
     _add_device_flags(evaluate.add_argument_group("devices"))
@@ -88,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     impute.add_argument("run_dir", type=Path)
     impute.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: the run's own, from its config.json)")
     impute.add_argument("--hide", choices=("top", "bottom", "left", "right"), default="top", help="the half of each digit to hide (default top)")
-    impute.add_argument("--points", type=int, default=8, help="test digits to complete (default 8)")
+    impute.add_argument("--points", type=int, default=8, help="test digits to complete, evenly spaced through the test set (default 8)")
     impute.add_argument("--imputations", type=int, default=6, help="completions per digit (default 6)")
     impute.add_argument("--num-samples", "-k", type=int, default=1000, help="K, importance samples per digit (default 1000)")
     impute.add_argument("--seed", type=int, default=0)
@@ -258,6 +258,8 @@ def _config_from(args) -> dict:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-points must be >= 0 (0 for all), got {args.eval_points}")
+    if args.seed < 0:
+        raise SystemExit(f"elbojax: --seed must be >= 0, got {args.seed}")
     # The checks across settings are for a new run: a resumed one keeps its own settings, which
     # passed them when it started (a given flag that differs is ignored or refused by _resolve_run).
     if not args.resume and args.checkpoint_every % args.steps_per_call:
@@ -268,10 +270,16 @@ def _config_from(args) -> dict:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be {bound} and finite in float32 (at most {FLOAT32_MAX:.4g}), got {value}")
     if not args.resume and args.model == "two-layer" and (args.prior != "standard" or args.decoder != "bernoulli"):
         raise SystemExit("elbojax: --model two-layer has its own hierarchical prior and a Bernoulli decoder; leave --prior and --decoder at their defaults")
+    sizes = sorted({"latent_dim", "hidden"} & getattr(args, "given", set()))
+    if not args.resume and args.model == "two-layer" and sizes:
+        raise SystemExit("elbojax: --model two-layer has the IWAE paper's fixed sizes (latents 100 and 50; "
+                         f"784-200-200-100-100-50 and back); {', '.join('--' + s.replace('_', '-') for s in sizes)} "
+                         "apply to --model vae only")
     config = {name: getattr(args, name) for name in (
         "data", "model", "objective", "num_samples", "gradient", "kl", "kl_warmup", "beta", "free_bits",
         "latent_dim", "prior", "prior_components", "decoder", "optimizer", "learning_rate", "schedule",
         "lr_warmup", "batch_size", "steps", "seed", "steps_per_call", "checkpoint_every",
+        "eval_samples", "eval_points",
     )}
     config["hidden"] = _hidden(args.hidden)
     # Absolute, so that `evaluate RUN` and `load_run` find the data from anywhere; None: the default folder.
@@ -326,7 +334,11 @@ def _load_data(name: str, data_dir, download: bool):
     if name == "embedded":
         return data.load_embedded_mnist()
     loaders = {"mnist": data.load_mnist, "fashion-mnist": data.load_fashion_mnist, "binarized-mnist": data.load_binarized_mnist}
-    return loaders[name](data_dir, download=download)
+    try:
+        return loaders[name](data_dir, download=download)
+    except (OSError, ValueError) as error:  # missing, corrupt or truncated files; a failed download
+        hint = " (on the command line: `elbojax train --download`, or --data-dir FOLDER)" if isinstance(error, FileNotFoundError) else ""
+        raise SystemExit(f"elbojax: --data {name}: {error}{hint}") from None
 
 
 def _test_data(images, config: dict):
@@ -447,8 +459,11 @@ def _resolve_run(args, config: dict) -> dict:
         if checkpoints and config["steps"] < max(checkpoints):
             raise SystemExit(f"elbojax: --steps {config['steps']} is before the run's last checkpoint (step {max(checkpoints)})")
         previous["steps"] = config["steps"]  # resuming may extend the run
-    previous["data_dir"] = config["data_dir"]  # the run's own unless --data-dir is given (_parse)
-    ignored = [key for key in config if key in args.given and key not in ("steps", "data_dir") and previous.get(key) != config[key]]
+    # The run's own unless given (_parse): the data folder, and the evaluation at the end (not training settings).
+    for key in ("data_dir", "eval_samples", "eval_points"):
+        previous[key] = config[key]
+    ignored = [key for key in config if key in args.given and key not in ("steps", "data_dir", "eval_samples", "eval_points")
+               and previous.get(key) != config[key]]
     if ignored and distributed.is_primary():
         print(f"elbojax: resuming {run_dir} with its own settings; ignoring " + ", ".join(f"--{key.replace('_', '-')}" for key in ignored))
     return previous
@@ -514,6 +529,20 @@ def _print_evaluation(result) -> None:
         print(f"{name:<{width}}  {value}")
 
 
+def spread(total: int, count: int):
+    """`count` indices evenly spaced through `range(total)` (all of them if `count >= total`).
+
+    The test points a run evaluates, plots and completes: a subset that stands for the whole test
+    set whatever its order (binarized MNIST's test file is sorted by class, so its first 500
+    points are all zeros).
+    """
+    import numpy as np
+
+    if count >= total:
+        return np.arange(total)
+    return np.round(np.linspace(0, total - 1, count)).astype(int)
+
+
 def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict, eval_samples: int, eval_points: int, mesh=None):
     import numpy as np
 
@@ -523,7 +552,8 @@ def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict,
     test = _test_data(dataset.test.images, config)
     labels = dataset.test.labels
     if eval_points:
-        test, labels = test[:eval_points], (None if labels is None else labels[:eval_points])
+        chosen = spread(test.shape[0], eval_points)
+        test, labels = test[chosen], (None if labels is None else labels[chosen])
     result = train.evaluate(graphdef, params, test, seed=seed, num_samples=eval_samples, mesh=mesh)
     if not distributed.is_primary():
         return result
@@ -559,9 +589,22 @@ def _restore(run_dir: Path, config: dict, dataset, mesh=None):
     if mesh is not None:
         state = distributed.replicate(state, mesh)
     manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
-    state = train.restore(manager, state)
-    manager.close()
+    try:
+        state = train.restore(manager, state)
+    finally:
+        manager.close()
     return nnx.merge(graphdef, state.params)
+
+
+def _restored_for_command(run_dir: Path, config: dict, dataset, mesh=None):
+    """`_restore` for `evaluate` and `impute`: a run without a checkpoint yet is a clear error."""
+    try:
+        return _restore(run_dir, config, dataset, mesh)
+    except FileNotFoundError:
+        raise SystemExit(
+            f"elbojax: {run_dir} has no checkpoint yet (it stopped before its first one, at step "
+            f"{config['checkpoint_every']}); continue it with `elbojax train --run-dir {run_dir} --resume`"
+        ) from None
 
 
 def _train(args) -> int:
@@ -589,7 +632,10 @@ def _train(args) -> int:
         devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device{'s' if mesh.size > 1 else ''}"
         print(f"training {config['objective'].upper()} (K={config['num_samples']}, gradient={config['gradient']}) on {config['data']}: "
               f"{images.shape[0]} examples, {config['steps']} steps, {devices} -> {args.run_dir}")
-    state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress, mesh=mesh)
+    try:
+        state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress, mesh=mesh)
+    except RuntimeError as error:  # too many non-finite steps in a row
+        raise SystemExit(f"elbojax: {error} A resumed run keeps its settings: for a lower --learning-rate, start a new run.") from None
     _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points, mesh)
     return 0
 
@@ -603,9 +649,11 @@ def _evaluate(args) -> int:
     if args.eval_samples < 1 or args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-samples must be >= 1 and --eval-points >= 0, got {args.eval_samples} and {args.eval_points}")
     config = json.loads(config_path.read_text())
+    if args.gaps and config.get("model", "vae") != "vae":
+        raise SystemExit("elbojax: --gaps needs a one-layer VAE (a diagonal Gaussian encoder); this run is a two-layer model")
     dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
     mesh = _start_devices(args)
-    graphdef, params = nnx.split(_restore(args.run_dir, config, dataset, mesh), nnx.Param)
+    graphdef, params = nnx.split(_restored_for_command(args.run_dir, config, dataset, mesh), nnx.Param)
     _evaluate_and_report(args.run_dir, graphdef, params, dataset, config, args.eval_samples, args.eval_points, mesh)
     if args.gaps:
         _report_gaps(args, nnx.merge(graphdef, params), _test_data(dataset.test.images, config), config)
@@ -613,7 +661,7 @@ def _evaluate(args) -> int:
 
 
 def _report_gaps(args, model, test, config: dict) -> None:
-    """The inference gaps of the run's model on the first --gap-points test points."""
+    """The inference gaps of the run's model on --gap-points test points (evenly spaced, `spread`)."""
     import jax
 
     from elbojax import distributed, flows, gaps
@@ -624,7 +672,7 @@ def _report_gaps(args, model, test, config: dict) -> None:
         raise SystemExit("elbojax: --gaps needs a one-layer VAE (a diagonal Gaussian encoder); this run is a two-layer model")
     flow_family = flows.local_flow_family(model.latent_dim) if args.gap_flow else None
     result = gaps.inference_gaps(
-        jax.random.key(config["seed"]), model, test[: args.gap_points], num_steps=args.gap_steps,
+        jax.random.key(config["seed"]), model, test[spread(test.shape[0], args.gap_points)], num_steps=args.gap_steps,
         num_samples=args.eval_samples, flow_family=flow_family,
     )
     if not distributed.is_primary():
@@ -652,8 +700,9 @@ def _impute(args) -> int:
         raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")
     config = json.loads(config_path.read_text())
     dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
-    model = _restore(args.run_dir, config, dataset)
-    test = _test_data(dataset.test.images, config)[: args.points]
+    model = _restored_for_command(args.run_dir, config, dataset)
+    test = _test_data(dataset.test.images, config)
+    test = test[spread(test.shape[0], args.points)]
     mask = jnp.asarray(missing.hidden_region_mask(args.hide))
     if test.shape[1] != mask.size:
         raise SystemExit(f"elbojax: impute hides half of a 28 x 28 image; this run's data have {test.shape[1]} values per point")

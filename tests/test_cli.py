@@ -106,6 +106,17 @@ def test_an_incompatible_model_and_objective_write_no_run(tmp_path):
     assert not (run_dir / "config.json").exists()
 
 
+def test_a_plain_resume_evaluates_as_the_run_did(run):
+    """The evaluation settings are the run's own (config.json) unless given (it used K = 5000 on 500 points)."""
+    saved = json.loads((run / "config.json").read_text())
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--no-progress"]) == 0
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert (evaluation["num_samples"], evaluation["num_points"]) == (saved["eval_samples"], saved["eval_points"])
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--no-progress", "--eval-points", "3"]) == 0
+    assert json.loads((run / "evaluation.json").read_text())["num_points"] == 3
+    assert json.loads((run / "config.json").read_text())["eval_points"] == 3
+
+
 def test_evaluate_command(run, capsys):
     assert cli.main(["evaluate", str(run), "--eval-points", "10", "--eval-samples", "50"]) == 0
     assert "test log-likelihood (K=50)" in capsys.readouterr().out
@@ -161,11 +172,45 @@ def test_incompatible_or_accidental_reuse_of_a_run_folder(run, flags, message):
         (["--beta", "-1"], r"--beta must be >= 0"),
         (["--kl-warmup", "-5"], r"--kl-warmup must be >= 0"),
         (["--model", "two-layer", "--prior", "vamp"], r"--model two-layer has its own hierarchical prior"),
+        (["--model", "two-layer", "--latent-dim", "2"], r"--model two-layer has the IWAE paper's fixed sizes .*--latent-dim apply"),
+        (["--model", "two-layer", "--hidden", "8"], r"--hidden apply to --model vae only"),
+        (["--seed", "-1"], r"--seed must be >= 0, got -1"),
     ],
 )
 def test_bad_flags(tmp_path, flags, message):
+    """Refused before anything is written (a negative seed used to crash after the run folder was)."""
     with pytest.raises(SystemExit, match=message):
         cli.main(["train", "--run-dir", str(tmp_path / "r"), *flags])
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluation_points_are_spread_over_the_test_set():
+    """Binarized MNIST's test file is sorted by class: the first 500 points are all zeros."""
+    chosen = cli.spread(10_000, 500)
+    assert len(set(chosen.tolist())) == 500 and chosen[0] == 0 and chosen[-1] == 9_999
+    assert np.diff(chosen).max() <= 21
+    np.testing.assert_array_equal(cli.spread(5, 10), np.arange(5))
+    labels = np.repeat(np.arange(10), 1_000)  # sorted by class, as the file is
+    assert set(labels[cli.spread(10_000, 500)].tolist()) == set(range(10))
+
+
+def test_data_errors_and_a_run_without_a_checkpoint_are_clear_errors(run, tmp_path):
+    """A missing data file names --download; evaluate and impute on a run killed before its
+    first checkpoint say so (they were tracebacks)."""
+    with pytest.raises(SystemExit, match=r"elbojax: --data mnist: Data file .* not found.*elbojax train --download"):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--data", "mnist", "--data-dir", str(tmp_path / "empty")])
+    corrupt = tmp_path / "corrupt"
+    (corrupt / "binarized_mnist").mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (corrupt / "binarized_mnist" / f"binarized_mnist_{split}.amat").write_text("0 1\n")
+    with pytest.raises(SystemExit, match=r"elbojax: --data binarized-mnist: .*sha256"):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--data", "binarized-mnist", "--data-dir", str(corrupt)])
+    run_dir = tmp_path / "early"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text((run / "config.json").read_text())  # a run killed before its first checkpoint
+    for command in (["evaluate", str(run_dir)], ["impute", str(run_dir)]):
+        with pytest.raises(SystemExit, match=r"has no checkpoint yet .*--resume"):
+            cli.main(command)
 
 
 def test_an_unknown_choice_is_an_argparse_error(tmp_path, capsys):
@@ -237,7 +282,8 @@ def test_a_config_file_fills_in_what_the_flags_leave(tmp_path, monkeypatch):
 ])
 def test_other_models_and_objectives_train_end_to_end(tmp_path, flags):
     run_dir = tmp_path / "r"
-    assert cli.main(["train", "--run-dir", str(run_dir), *TINY, "--eval-samples", "10", "--eval-points", "10", *flags]) == 0
+    tiny = TINY if "two-layer" not in flags else TINY[:-5] + TINY[-1:]  # its sizes are fixed: no --latent-dim, --hidden
+    assert cli.main(["train", "--run-dir", str(run_dir), *tiny, "--eval-samples", "10", "--eval-points", "10", *flags]) == 0
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     assert np.isfinite(evaluation["log_likelihood"]) and np.isfinite(evaluation["kl"])
     model = cli.load_run(run_dir)
