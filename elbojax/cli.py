@@ -258,8 +258,8 @@ def _config_from(args) -> dict:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-points must be >= 0 (0 for all), got {args.eval_points}")
-    if args.seed < 0:
-        raise SystemExit(f"elbojax: --seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2**32:
+        raise SystemExit(f"elbojax: --seed must be in [0, 2**32), got {args.seed}")
     # The checks across settings are for a new run: a resumed one keeps its own settings, which
     # passed them when it started (a given flag that differs is ignored or refused by _resolve_run).
     if not args.resume and args.checkpoint_every % args.steps_per_call:

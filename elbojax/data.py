@@ -70,9 +70,11 @@ __all__ = [
     "Split",
     "batch_indices",
     "check_binary",
+    "check_seed",
     "check_unit_interval",
     "default_data_dir",
     "dynamic_binarize",
+    "is_float",
     "iterate_batches",
     "load_binarized_mnist",
     "load_embedded_mnist",
@@ -604,9 +606,19 @@ def _batches(seed, num_examples, batch_size, epoch, step) -> Iterator[Batch]:
 
 
 def _rng(stream: int, **words: int) -> np.random.Generator:
-    return np.random.default_rng(
-        [stream, *(_check_nonnegative_int(value, name) for name, value in words.items())]
-    )
+    return np.random.default_rng([stream, *(check_seed(value, name) for name, value in words.items())])
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """`value` as one 32-bit word of a NumPy seed sequence: an int in [0, 2**32).
+
+    A larger int would take two words and share its stream with another seed (the shuffle of
+    seed a + 2**32 b equalled epoch b of seed a), so it is refused.
+    """
+    value = _check_nonnegative_int(value, name)
+    if value >= 2**32:
+        raise ValueError(f"`{name}` must be an int in [0, 2**32), got {value}.")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -634,7 +646,7 @@ def check_finite(x: Any, name: str) -> None:
       ValueError: `x` holds NaN or an infinity.
     """
     x = _check_numeric(x, name)
-    if x.dtype.kind == "f":
+    if is_float(x.dtype):
         _raise_first(x, ~np.isfinite(x), name, "must be finite")
 
 
@@ -658,11 +670,17 @@ def check_unit_interval(x: Any, name: str) -> None:
     _raise_first(x, ~((x >= 0) & (x <= 1)), name, "must lie in [0, 1]", hint)
 
 
+def is_float(dtype) -> bool:
+    """Whether `dtype` is a floating-point type: NumPy's, or ml_dtypes' (bfloat16, the float8s), which NumPy lists as kind "V"."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or (dtype.kind == "V" and "float" in dtype.name)
+
+
 def _check_numeric(x: Any, name: str) -> np.ndarray:
     x = np.asarray(x)
-    if x.dtype.kind not in "biuf":  # bool, int, uint, float
+    if x.dtype.kind not in "biu" and not is_float(x.dtype):  # bool, int, uint, float
         raise TypeError(f"`{name}` must be a numeric array, got dtype {x.dtype}.")
-    if x.dtype.kind == "f":
+    if is_float(x.dtype):
         _raise_first(x, np.isnan(x), name, "must not contain NaN")
     return x
 

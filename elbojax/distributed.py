@@ -70,15 +70,13 @@ def initialize(
             f"A multi-process run needs the coordinator's address, the number of processes and this "
             f"process's id; missing: {', '.join(missing)} (pass them, or set {', '.join(ENVIRONMENT)})."
         )
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"`coordinator` must be 'host:port', got {coordinator!r}.")
+    host, port = _host_and_port(coordinator)
     if num_processes < 1:
         raise ValueError(f"`num_processes` must be >= 1, got {num_processes}.")
     if not 0 <= process_id < num_processes:
         raise ValueError(f"`process_id` must lie in 0..{num_processes - 1} for {num_processes} processes, got {process_id}.")
     if process_id != 0:
-        _wait_for_coordinator(host, int(port), timeout, process_id, num_processes)
+        _wait_for_coordinator(host, port, timeout, process_id, num_processes)
     else:
         print(
             f"elbojax: process 0 of {num_processes} is coordinating at {coordinator}; waiting up to {timeout} s "
@@ -96,6 +94,16 @@ def initialize(
             f"{timeout} s: {error}. Check that every process was started with the same coordinator "
             "and number of processes, and that process 0 is running."
         ) from error
+
+
+def _host_and_port(coordinator: str) -> tuple[str, int]:
+    """`'host:port'` or `'[IPv6 address]:port'` as `(host, port)`, the host without brackets."""
+    host, _, port = coordinator.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host or not port.isdigit():
+        raise ValueError(f"`coordinator` must be 'host:port' (or '[IPv6 address]:port'), got {coordinator!r}.")
+    return host, int(port)
 
 
 def _wait_for_coordinator(host: str, port: int, timeout: float, process_id: int, num_processes: int) -> None:
@@ -116,6 +124,8 @@ def _wait_for_coordinator(host: str, port: int, timeout: float, process_id: int,
 
 def _from_environment(value, variable: str, name: str) -> int | None:
     if value is not None:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
         return int(value)
     text = os.environ.get(variable)
     if text is None:
@@ -134,7 +144,10 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is None:
         num_devices = len(devices)
-    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
+    if isinstance(num_devices, (bool, np.bool_)) or not isinstance(num_devices, (int, np.integer)):
+        raise TypeError(f"`num_devices` must be an int >= 1, got {num_devices!r} of type {type(num_devices).__name__}.")
+    num_devices = int(num_devices)
+    if num_devices < 1:
         raise ValueError(f"`num_devices` must be an int >= 1, got {num_devices!r}.")
     if num_devices > len(devices):
         raise ValueError(
@@ -195,6 +208,7 @@ def shard_rows(shape: tuple[int, ...], mesh: Mesh, fetch: Callable[[tuple], np.n
     `fetch` gets a tuple of slices (one per dimension, as numpy indexing takes it) and returns
     that block of the global array: a process never reads the rows other processes hold.
     """
+    check_divisible(shape[axis], mesh, f"The size of axis {axis}")
     return jax.make_array_from_callback(tuple(shape), row_sharding(mesh, len(shape), axis), fetch)
 
 

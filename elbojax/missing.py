@@ -71,7 +71,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from elbojax import _checks, exact, snis
+from elbojax import _checks, data, exact, snis
 from elbojax.estimators import elbo, iwae_bound
 from elbojax.models._layers import LOG_2PI, check_shape
 from elbojax.models.encoders import GaussianMLPEncoder
@@ -129,7 +129,7 @@ def mark_missing(x, mask):
     if isinstance(x, _NUMPY_TYPES) and isinstance(mask, _NUMPY_TYPES):
         _check_mask(mask, np.shape(x))
         x = np.asarray(x)
-        x = x if x.dtype.kind == "f" else x.astype(np.float32)
+        x = x if data.is_float(x.dtype) else x.astype(np.float32)
         return np.where(mask, x, np.nan).astype(x.dtype)
     mask = _check_mask(mask, jnp.shape(x))
     x = _float(x)

@@ -144,11 +144,24 @@ def logmeanexp(a: jax.Array, axis: int | tuple[int, ...] | None = None, keepdims
       gives $-\infty$ (not NaN).
     """
     a = jnp.asarray(a)
-    axes = tuple(range(a.ndim)) if axis is None else (axis,) if isinstance(axis, int) else axis
+    axes = tuple(range(a.ndim)) if axis is None else _checked_axes(axis, a.shape)
+    axis = None if axis is None else axes
     count = math.prod(a.shape[ax] for ax in axes)
     if count == 0:
         raise ValueError(f"`logmeanexp` needs at least one entry along axis {axis}, got shape {a.shape}.")
     return jax.nn.logsumexp(a, axis=axis, keepdims=keepdims) - math.log(count)
+
+
+def _checked_axes(axis, shape) -> tuple[int, ...]:
+    """`axis` (an int or a sequence of ints) as a tuple of axes of `shape`, each in 0..ndim-1."""
+    integer = lambda ax: isinstance(ax, numbers.Integral) and not isinstance(ax, (bool, np.bool_))
+    axes = (axis,) if integer(axis) else tuple(axis) if isinstance(axis, (tuple, list)) else None
+    if axes is None or not all(integer(ax) for ax in axes):
+        raise TypeError(f"`axis` must be None, an int or a tuple of ints, got {axis!r}.")
+    ndim = len(shape)
+    if not all(-ndim <= ax < ndim for ax in axes):
+        raise ValueError(f"`axis` {axis!r} is out of range for an array of shape {tuple(shape)}.")
+    return tuple(int(ax) % ndim for ax in axes)
 
 
 def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:

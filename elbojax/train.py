@@ -556,8 +556,11 @@ def _likelihood_of(graphdef, params) -> str:
 
 
 def _check_config(config: FitConfig, num_examples: int) -> None:
+    from elbojax import data
+
     for name in ("batch_size", "num_steps", "steps_per_call", "checkpoint_every", "keep_checkpoints", "max_skipped_in_a_row"):
         _checks.check_positive_int(getattr(config, name), name)
+    data.check_seed(config.seed)
     if config.checkpoint_every % config.steps_per_call:
         raise ValueError(
             f"`checkpoint_every` ({config.checkpoint_every}) must be a multiple of `steps_per_call` "
@@ -662,7 +665,7 @@ def fit(
         if observed.dtype != np.bool_ or observed.shape != (images.shape[0], int(np.prod(images.shape[1:]))):
             raise ValueError(f"`observed` must be bool of shape {(images.shape[0], int(np.prod(images.shape[1:])))}, got {observed.dtype} {observed.shape}.")
     if config.binarize == "none":
-        present = images[~np.isnan(images)] if accepts_missing and images.dtype.kind == "f" else images
+        present = images[~np.isnan(images)] if accepts_missing and data.is_float(images.dtype) else images
         data.check_for_likelihood(present, _likelihood_of(graphdef, state.params), "images")
     elif images.dtype != np.uint8:
         raise TypeError(f"binarize='dynamic' needs uint8 grey levels, got dtype {images.dtype}; pass binarize='none' for data that are already binary.")

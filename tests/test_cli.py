@@ -174,7 +174,8 @@ def test_incompatible_or_accidental_reuse_of_a_run_folder(run, flags, message):
         (["--model", "two-layer", "--prior", "vamp"], r"--model two-layer has its own hierarchical prior"),
         (["--model", "two-layer", "--latent-dim", "2"], r"--model two-layer has the IWAE paper's fixed sizes .*--latent-dim apply"),
         (["--model", "two-layer", "--hidden", "8"], r"--hidden apply to --model vae only"),
-        (["--seed", "-1"], r"--seed must be >= 0, got -1"),
+        (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
+        (["--seed", str(2**32 + 7)], r"--seed must be in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_flags(tmp_path, flags, message):

@@ -428,6 +428,8 @@ def test_batches_resume_exactly_from_any_position():
         (dict(batch_size=0), ValueError, r"`batch_size` must be an int >= 1, got 0"),
         (dict(seed=-1), ValueError, r"`seed` must be an int >= 0, got -1"),
         (dict(seed=True), TypeError, r"`seed` must be an int >= 0, got True of type bool"),
+        # Two 32-bit words would share a stream: seed 2**32 + 7 shuffled as epoch 1 of seed 7.
+        (dict(seed=2**32 + 7), ValueError, r"`seed` must be an int in \[0, 2\*\*32\), got 4294967303"),
     ],
 )
 def test_bad_batching_arguments_are_refused_at_the_call(kwargs, error, match):
@@ -441,10 +443,18 @@ def test_bad_batching_arguments_are_refused_at_the_call(kwargs, error, match):
 
 
 def test_checks_accept_good_batches():
-    for x in [np.array([0.0, 1.0], np.float32), np.array([True, False]), np.array([[0, 1]], np.uint8)]:
+    import ml_dtypes
+
+    bfloat16 = np.array([0.0, 1.0], ml_dtypes.bfloat16)  # NumPy's kind "V": it was "not a numeric array"
+    for x in [np.array([0.0, 1.0], np.float32), np.array([True, False]), np.array([[0, 1]], np.uint8), bfloat16]:
         data.check_binary(x, "x")
         data.check_unit_interval(x, "x")
+        data.check_finite(x, "x")
     data.check_unit_interval(np.array([0.0, 0.25, 1.0]), "x")
+    with pytest.raises(ValueError, match=r"`x` must not contain NaN"):
+        data.check_binary(np.array([1.0, np.nan], ml_dtypes.bfloat16), "x")
+    with pytest.raises(ValueError, match=r"`x` must be finite"):
+        data.check_finite(np.array([1.0, np.inf], ml_dtypes.bfloat16), "x")
 
 
 @pytest.mark.parametrize(

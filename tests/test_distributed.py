@@ -141,6 +141,29 @@ def test_bad_device_settings(tmp_path):
         distributed.initialize("127.0.0.1:1234", 2, 2)
     with pytest.raises(SystemExit, match=r"--devices must be a positive integer or 'all'"):
         cli.main(["train", "--run-dir", str(tmp_path / "r"), "--devices", "two"])
+    # Counts are ints, numpy's included; a float is not truncated (2.7 processes became 2).
+    with pytest.raises(TypeError, match=r"`num_processes` must be an int, got 2.7"):
+        distributed.initialize("127.0.0.1:1234", 2.7, 0)
+    with pytest.raises(TypeError, match=r"`num_devices` must be an int >= 1, got True"):
+        distributed.data_mesh(True)
+    assert distributed.data_mesh(np.int64(1)).size == 1
+    with pytest.raises(ValueError, match=r"The size of axis 0 \(5\) must be a multiple of the number of devices \(4\)"):
+        distributed.shard_rows((5, 3), FourDevices, lambda index: None)
+
+
+def test_an_ipv6_coordinator_is_found():
+    """'[::1]:port' is the usual form; its brackets are not part of the host (it was never found)."""
+    assert distributed._host_and_port("[::1]:1234") == ("::1", 1234)
+    assert distributed._host_and_port("node-3.cluster:80") == ("node-3.cluster", 80)
+    try:
+        listener = socket.socket(socket.AF_INET6)
+        listener.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with listener:
+        listener.listen()
+        host, port = distributed._host_and_port(f"[::1]:{listener.getsockname()[1]}")
+        distributed._wait_for_coordinator(host, port, 5.0, 1, 2)  # returns once it connects
 
 
 def test_a_missing_coordinator_is_an_error_not_a_hang():

@@ -61,6 +61,11 @@ def test_logmeanexp_matches_numpy_and_is_stable():
     np.testing.assert_allclose(ej.logmeanexp(jnp.asarray(a[0])), np.log(np.mean(np.exp(a[0]))), rtol=1e-6)
     assert ej.logmeanexp(jnp.full(4, -jnp.inf)) == -jnp.inf
     assert ej.logmeanexp(jnp.ones((2, 3)), axis=(0, 1), keepdims=True).shape == (1, 1)
+    np.testing.assert_allclose(ej.logmeanexp(jnp.asarray(a), axis=np.int64(-1)), expected, rtol=1e-6)  # numpy ints too
+    with pytest.raises(ValueError, match=r"`axis` 5 is out of range for an array of shape \(2, 3\)"):
+        ej.logmeanexp(jnp.asarray(a), axis=5)
+    with pytest.raises(TypeError, match=r"`axis` must be None, an int or a tuple of ints, got 1.0"):
+        ej.logmeanexp(jnp.asarray(a), axis=1.0)
 
 
 def test_effective_sample_size():
