@@ -602,8 +602,8 @@ def _restored_for_command(run_dir: Path, config: dict, dataset, mesh=None):
         return _restore(run_dir, config, dataset, mesh)
     except FileNotFoundError:
         raise SystemExit(
-            f"elbojax: {run_dir} has no checkpoint yet (it stopped before its first one, at step "
-            f"{config['checkpoint_every']}); continue it with `elbojax train --run-dir {run_dir} --resume`"
+            f"elbojax: {run_dir} has no checkpoint yet (it stopped before its first one); continue it "
+            f"with `elbojax train --run-dir {run_dir} --resume`"
         ) from None
 
 
@@ -634,7 +634,7 @@ def _train(args) -> int:
               f"{images.shape[0]} examples, {config['steps']} steps, {devices} -> {args.run_dir}")
     try:
         state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress, mesh=mesh)
-    except RuntimeError as error:  # too many non-finite steps in a row
+    except train.TrainingStopped as error:  # too many non-finite steps in a row
         raise SystemExit(f"elbojax: {error} A resumed run keeps its settings: for a lower --learning-rate, start a new run.") from None
     _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points, mesh)
     return 0
@@ -651,6 +651,8 @@ def _evaluate(args) -> int:
     config = json.loads(config_path.read_text())
     if args.gaps and config.get("model", "vae") != "vae":
         raise SystemExit("elbojax: --gaps needs a one-layer VAE (a diagonal Gaussian encoder); this run is a two-layer model")
+    if args.gaps and (args.gap_points < 1 or args.gap_steps < 1):
+        raise SystemExit("elbojax: --gap-points and --gap-steps must be >= 1")
     dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
     mesh = _start_devices(args)
     graphdef, params = nnx.split(_restored_for_command(args.run_dir, config, dataset, mesh), nnx.Param)
@@ -666,10 +668,6 @@ def _report_gaps(args, model, test, config: dict) -> None:
 
     from elbojax import distributed, flows, gaps
 
-    if args.gap_points < 1 or args.gap_steps < 1:
-        raise SystemExit("elbojax: --gap-points and --gap-steps must be >= 1")
-    if config.get("model", "vae") != "vae":
-        raise SystemExit("elbojax: --gaps needs a one-layer VAE (a diagonal Gaussian encoder); this run is a two-layer model")
     flow_family = flows.local_flow_family(model.latent_dim) if args.gap_flow else None
     result = gaps.inference_gaps(
         jax.random.key(config["seed"]), model, test[spread(test.shape[0], args.gap_points)], num_steps=args.gap_steps,

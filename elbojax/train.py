@@ -524,6 +524,10 @@ def _all_finite(tree) -> jax.Array:
 # ------------------------------------------------------------------------------------------------
 
 
+class TrainingStopped(RuntimeError):
+    """`fit` stopped: `max_skipped_in_a_row` steps in a row were skipped (non-finite); the last good state is checkpointed."""
+
+
 class FitConfig(NamedTuple):
     """Settings of `fit` (all plain Python values).
 
@@ -645,6 +649,10 @@ def fit(
 
     Returns:
       The final `TrainState` (replicated on the mesh).
+
+    Raises:
+      TrainingStopped: `config.max_skipped_in_a_row` steps in a row were skipped (a
+        `RuntimeError`; the last good state is checkpointed first).
     """
     import json
     import time
@@ -719,7 +727,7 @@ def fit(
             step = int(state.step)
             if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
                 _save(manager, step, state)
-                raise RuntimeError(
+                raise TrainingStopped(
                     f"Stopped at step {step}: {int(state.skipped_in_a_row)} steps in a row had a non-finite "
                     "loss, gradient or update (skipped, parameters untouched). Lower the learning rate or check "
                     f"the data and the model; the last good state is checkpointed in {run_dir / 'checkpoints'}."

@@ -185,6 +185,13 @@ def test_bad_flags(tmp_path, flags, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_run_stopped_by_non_finite_steps_is_a_clear_error(tmp_path):
+    """The stop's message, without a traceback, and what to do about it on the command line."""
+    flags = TINY[2:]  # all but --steps 20
+    with pytest.raises(SystemExit, match=r"elbojax: Stopped at step \d+: .* for a lower --learning-rate, start a new run"):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), *flags, "--steps", "400", "--learning-rate", "1e30"])
+
+
 def test_evaluation_points_are_spread_over_the_test_set():
     """Binarized MNIST's test file is sorted by class: the first 500 points are all zeros."""
     chosen = cli.spread(10_000, 500)

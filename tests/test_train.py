@@ -331,7 +331,7 @@ def test_fit_refuses_bad_data_and_config(tmp_path):
 def test_fit_stops_after_too_many_non_finite_steps(tmp_path):
     graphdef, state, _ = _fresh(lr=1e30)  # diverges at once
     per_point = train.objective("elbo", num_samples=1)
-    with pytest.raises(RuntimeError, match=r"steps in a row had a non-finite loss, gradient or update"):
+    with pytest.raises(train.TrainingStopped, match=r"steps in a row had a non-finite loss, gradient or update"):
         train.fit(graphdef, state, optax.sgd(1e30), per_point, IMAGES, run_dir=tmp_path, config=CONFIG._replace(max_skipped_in_a_row=3, num_steps=400), progress=False)
     # What it checkpointed as the last good state is finite.
     import orbax.checkpoint as ocp
