@@ -270,7 +270,10 @@ def _config_from(args) -> dict:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be {bound} and finite in float32 (at most {FLOAT32_MAX:.4g}), got {value}")
     if not args.resume and args.model == "two-layer" and (args.prior != "standard" or args.decoder != "bernoulli"):
         raise SystemExit("elbojax: --model two-layer has its own hierarchical prior and a Bernoulli decoder; leave --prior and --decoder at their defaults")
-    sizes = sorted({"latent_dim", "hidden"} & getattr(args, "given", set()))
+    # Refused only when set to something else: a two-layer run's own config.json records the defaults.
+    defaults = {action.dest: action.default for action in _train_parser(_parser())._actions}
+    sizes = sorted(name for name in ("latent_dim", "hidden")
+                   if name in getattr(args, "given", set()) and _differs(name, getattr(args, name), defaults[name]))
     if not args.resume and args.model == "two-layer" and sizes:
         raise SystemExit("elbojax: --model two-layer has the IWAE paper's fixed sizes (latents 100 and 50; "
                          f"784-200-200-100-100-50 and back); {', '.join('--' + s.replace('_', '-') for s in sizes)} "
@@ -291,6 +294,10 @@ def _config_from(args) -> dict:
     except ValueError as error:
         raise SystemExit(f"elbojax: {error}") from None
     return config
+
+
+def _differs(name: str, value, default) -> bool:
+    return _hidden(value) != _hidden(default) if name == "hidden" else value != default
 
 
 def _objective(config: dict):

@@ -192,6 +192,15 @@ def test_a_run_stopped_by_non_finite_steps_is_a_clear_error(tmp_path):
         cli.main(["train", "--run-dir", str(tmp_path / "r"), *flags, "--steps", "400", "--learning-rate", "1e30"])
 
 
+def test_a_two_layer_runs_own_config_is_a_valid_config(tmp_path):
+    """Its config.json records the one-layer sizes' defaults: those are not refused, other sizes are."""
+    own = _config_file(tmp_path, {"model": "two-layer", "latent_dim": 16, "hidden": [200, 200]})
+    cli._config_from(cli._parse(["train", "--config", own, "--run-dir", str(tmp_path / "again")]))
+    other = _config_file(tmp_path, {"model": "two-layer", "latent_dim": 4})
+    with pytest.raises(SystemExit, match=r"--latent-dim apply to --model vae only"):
+        cli._config_from(cli._parse(["train", "--config", other, "--run-dir", str(tmp_path / "again")]))
+
+
 def test_evaluation_points_are_spread_over_the_test_set():
     """Binarized MNIST's test file is sorted by class: the first 500 points are all zeros."""
     chosen = cli.spread(10_000, 500)
