@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from elbojax import _checks
+
 DATA_AXIS = "data"
 
 ENVIRONMENT = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -144,11 +146,7 @@ def data_mesh(num_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     if num_devices is None:
         num_devices = len(devices)
-    if isinstance(num_devices, (bool, np.bool_)) or not isinstance(num_devices, (int, np.integer)):
-        raise TypeError(f"`num_devices` must be an int >= 1, got {num_devices!r} of type {type(num_devices).__name__}.")
-    num_devices = int(num_devices)
-    if num_devices < 1:
-        raise ValueError(f"`num_devices` must be an int >= 1, got {num_devices!r}.")
+    num_devices = _checks.check_positive_int(num_devices, "num_devices")
     if num_devices > len(devices):
         raise ValueError(
             f"Asked for {num_devices} devices, but JAX sees {len(devices)} ({devices[0].platform}). On CPU, "
