@@ -192,3 +192,28 @@ def test_renyi_gradient_is_that_of_the_closed_formula(problem):
             got = jax.grad(renyi)(params, alpha, **kwargs)
             for a, b in zip(got, expected):
                 np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_piwae_gradient_stays_finite_when_groups_are_far_apart():
+    """Groups whose log-sum-exps differ by more than ~88 nats in float32: the proposal's gradient is
+    still MIWAE's and the model's IWAE's over all samples (was NaN: the ratio exp(lse - lse_m)/M of
+    the two weightings overflowed, times a model weight that underflowed to 0)."""
+    M, K, c = 2, 2, 500.0
+    log_joint = lambda theta: (lambda x, z: -c * jnp.sum((z - theta) ** 2))
+    proposal = lambda p: distrax.MultivariateNormalDiag(p[0], jnp.exp(p[1]))
+    params = (jnp.zeros(1), jnp.zeros(1), jnp.zeros(1))  # mean, log-scale, theta
+    x = jnp.zeros(1)
+
+    def group_log_weights(key, p):
+        return jnp.stack([ej.log_weights(jax.random.fold_in(key, m), x, log_joint(p[2]), proposal(p), num_samples=K) for m in range(M)])
+
+    keys = [k for k in map(jax.random.key, range(20)) if abs(float(np.diff(jax.nn.logsumexp(group_log_weights(k, params), axis=1))[0])) > 100]
+    assert len(keys) >= 3
+    for key in keys[:3]:
+        piwae = jax.grad(lambda p: ej.partial_iwae_bound(key, x, log_joint(p[2]), proposal(p), num_groups=M, num_samples=K))(params)
+        miwae = jax.grad(lambda p: ej.multi_iwae_bound(key, x, log_joint(p[2]), proposal(p), num_groups=M, num_samples=K))(params)
+        iwae = jax.grad(lambda p: jax.nn.logsumexp(group_log_weights(key, p)) - jnp.log(M * K))(params)
+        assert all(np.all(np.isfinite(g)) for g in piwae)
+        np.testing.assert_allclose(piwae[0], miwae[0], rtol=1e-4)
+        np.testing.assert_allclose(piwae[1], miwae[1], rtol=1e-4)
+        np.testing.assert_allclose(piwae[2], iwae[2], rtol=1e-4)
