@@ -164,8 +164,9 @@ def _declared_reparameterized(proposal) -> bool:
     (`MixtureSameFamily`, `MixtureOfTwo`, `CategoricalUniform` draw the component discretely, so
     the samples carry no gradient to the mixture weights) and `Quantized` (rounded samples). A
     pathwise gradient through them would be silently wrong. The check looks inside
-    `Transformed`, `Independent`, `Clipped` (any distrax distribution with a `distribution`)
-    and every member of a `Joint`. distrax's `straight_through_wrapper` classes pass: their
+    `Transformed`, `Independent`, `Clipped` (any distrax distribution with a `distribution`),
+    every member of a `Joint`, and every part a composite proposal lists in its
+    `pathwise_parts()` (both layers of `models.HierarchicalProposal`). distrax's `straight_through_wrapper` classes pass: their
     biased gradient is asked for by name.
     """
     return _not_pathwise_part(_unwrapped(proposal)) is None
@@ -183,6 +184,9 @@ def _not_pathwise_part(distribution):
     if isinstance(distribution, distrax.Joint):
         members = jax.tree.leaves(distribution.distributions, is_leaf=lambda d: isinstance(d, distrax.Distribution))
         return next((part for part in map(_not_pathwise_part, members) if part is not None), None)
+    parts = getattr(distribution, "pathwise_parts", None)
+    if callable(parts):  # a composite proposal (`models.HierarchicalProposal`): every part must be pathwise
+        return next((part for part in map(_not_pathwise_part, parts()) if part is not None), None)
     wrapped = getattr(distribution, "distribution", None)
     if isinstance(distribution, distrax.Distribution) and isinstance(wrapped, distrax.Distribution):
         return _not_pathwise_part(wrapped)

@@ -44,6 +44,12 @@ class HierarchicalProposal:
         self.first = first
         self.conditional = conditional
 
+    def pathwise_parts(self) -> tuple:
+        r"""$q(z_1)$ and $q(z_2 \mid z_1)$ (built abstractly, no computation), for the check that
+        refuses a pathwise gradient through a proposal that cannot carry one (a mixture in a layer)."""
+        probe = jax.ShapeDtypeStruct(tuple(self.first.event_shape), self.first.dtype)
+        return self.first, jax.eval_shape(self.conditional, probe)
+
     def _conditional_sample(self, z1, key):
         return self.conditional(z1).sample_and_log_prob(seed=key)
 
