@@ -532,6 +532,15 @@ def _event_shapes(joint, names) -> dict[str, tuple]:
     return {name: tuple(shape) for name, shape in shapes.items()}
 
 
+def _check_node_shape(value, shape: tuple, name: str, what: str) -> None:
+    """One node's value must have `shape` (TFP would broadcast a wrong one into a wrong number)."""
+    if not all(isinstance(d, int) for d in shape):
+        return  # a nested node (a joint inside the joint): TFP checks its parts
+    got = jnp.shape(value)
+    if got != shape:
+        raise ValueError(f"`{name}` must have shape {shape} ({what}), got {got}.")
+
+
 class TFPJointAdapter:
     """A TFP joint distribution with some nodes observed, in elbojax's terms.
 
@@ -601,8 +610,14 @@ class TFPJointAdapter:
                 raise ValueError(
                     f"`x` may only replace the observed nodes {_names(self.observed_names)}; got {_names(unknown)}."
                 )
+            for name, value in x.items():
+                given = jnp.shape(self._observed[name])
+                _check_node_shape(value, given, f"x[{name!r}]", "the shape of the observed value given to `from_tfp_joint`")
             observed = {**observed, **x}
-        log_prob = self.joint.log_prob(**observed, **self._as_named(z))
+        latents = self._as_named(z)
+        for name, value in latents.items():
+            _check_node_shape(value, self._latent_shapes[name], f"z[{name!r}]", "the node's event shape: one sample")
+        log_prob = self.joint.log_prob(**observed, **latents)
         if jnp.ndim(log_prob) != 0:
             raise ValueError(
                 f"`joint.log_prob` must be a scalar for one sample, got shape {jnp.shape(log_prob)}: "

@@ -427,3 +427,16 @@ def test_tfp_errors(x64):
     batched = tfd.JointDistributionNamed(dict(mu=tfd.Normal(0.0, 1.0), y=lambda mu: tfd.Normal(mu * jnp.ones(3), 1.0)))
     with pytest.raises(ValueError, match=r"joint has a batch shape"):
         ej.elbo(jax.random.key(0), None, from_tfp_joint(batched, {"y": jnp.zeros(3)}).log_joint, tfd.Normal(0.0, 1.0))
+
+
+def test_tfp_log_joint_refuses_latents_and_observations_of_the_wrong_shape(x64):
+    """TFP broadcasts a wrong shape into a wrong number: a 1-d surrogate for a 2-d latent gave an
+    IWAE bound of -4.83 against the exact -3.78, with no error."""
+    joint = tfd.JointDistributionNamed(dict(
+        z=tfd.Independent(tfd.Normal(jnp.zeros(2), 1.0), 1), y=lambda z: tfd.Independent(tfd.Normal(z, 1.0), 1)))
+    adapter = from_tfp_joint(joint, observed={"y": jnp.array([1.0, 2.0])})
+    np.testing.assert_allclose(adapter.log_joint(None, jnp.zeros(2)), joint.log_prob(z=jnp.zeros(2), y=jnp.array([1.0, 2.0])))
+    with pytest.raises(ValueError, match=r"`z\['z'\]` must have shape \(2,\) \(the node's event shape: one sample\), got \(1,\)"):
+        ej.iwae_bound(jax.random.key(0), None, adapter.log_joint, tfd.Independent(tfd.Normal(jnp.zeros(1), 1.0), 1), num_samples=3)
+    with pytest.raises(ValueError, match=r"`x\['y'\]` must have shape \(2,\) \(the shape of the observed value given to `from_tfp_joint`\), got \(3,\)"):
+        adapter.log_joint({"y": jnp.zeros(3)}, jnp.zeros(2))
