@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elbojax.data import check_seed  # noqa: F401 (shared here; `data` itself stays numpy-only)
+
 
 def check_positive_int(value: Any, name: str) -> int:
     """Return `value` as an `int` if it is a static integer >= 1, else raise."""

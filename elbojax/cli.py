@@ -258,8 +258,7 @@ def _config_from(args) -> dict:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-points must be >= 0 (0 for all), got {args.eval_points}")
-    if not 0 <= args.seed < 2**32:
-        raise SystemExit(f"elbojax: --seed must be in [0, 2**32), got {args.seed}")
+    _check_seed_flag(args.seed)
     # The checks across settings are for a new run: a resumed one keeps its own settings, which
     # passed them when it started (a given flag that differs is ignored or refused by _resolve_run).
     if not args.resume and args.checkpoint_every % args.steps_per_call:
@@ -689,6 +688,12 @@ def _report_gaps(args, model, test, config: dict) -> None:
     print(f"wrote {args.run_dir / 'gaps.png'} and {args.run_dir / 'gaps.json'}")
 
 
+def _check_seed_flag(seed: int) -> None:
+    """--seed names one stream: JAX's keys and NumPy's seed sequences keep 32 bits of it."""
+    if not 0 <= seed < 2**32:
+        raise SystemExit(f"elbojax: --seed must be in [0, 2**32), got {seed}")
+
+
 def _impute(args) -> int:
     """Complete test digits with a region hidden: `elbojax.missing.impute` per digit."""
     import jax
@@ -700,6 +705,7 @@ def _impute(args) -> int:
     for name in ("points", "imputations", "num_samples"):
         if getattr(args, name) < 1:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    _check_seed_flag(args.seed)
     config_path = args.run_dir / "config.json"
     if not config_path.exists():
         raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")

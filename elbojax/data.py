@@ -610,10 +610,11 @@ def _rng(stream: int, **words: int) -> np.random.Generator:
 
 
 def check_seed(value: Any, name: str = "seed") -> int:
-    """`value` as one 32-bit word of a NumPy seed sequence: an int in [0, 2**32).
+    """`value` as one 32-bit word: an int in [0, 2**32), the seeds that name distinct streams.
 
-    A larger int would take two words and share its stream with another seed (the shuffle of
-    seed a + 2**32 b equalled epoch b of seed a), so it is refused.
+    A larger int would take two words of a NumPy seed sequence and share its stream with another
+    seed (the shuffle of seed a + 2**32 b equalled epoch b of seed a); and without x64, JAX's
+    `key(s)` keeps the low 32 bits (`key(-1)` is `key(2**32 - 1)`). Both are refused.
     """
     value = _check_nonnegative_int(value, name)
     if value >= 2**32:

@@ -535,7 +535,7 @@ def make_svi_step(
     _check_optimizer(inner_optimizer, "inner_optimizer")
     _checks.check_callable(objective, "objective")
     num_inner_steps = _checks.check_positive_int(num_inner_steps, "num_inner_steps")
-    base_key = jax.random.key(seed)
+    base_key = jax.random.key(_checks.check_seed(seed))
 
     def step(state: SVIState, batch, indices):
         num_points = _batch_size_of(batch, "batch")

@@ -329,7 +329,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
     loss only, `grad_norm` is NaN): the body of `make_multi_step`'s first pass, which checks the
     state the steps end with instead.
     """
-    base_key = jax.random.key(seed)
+    base_key = jax.random.key(_checks.check_seed(seed))
 
     def loss(params, step_key, batch, indices, step):
         model = nnx.merge(graphdef, params)
@@ -902,14 +902,7 @@ def evaluate(
     from elbojax import diagnostics
     from elbojax.estimators import importance_log_marginal
 
-    import operator
-
-    try:  # a Python or numpy integer, or a concrete 0-d integer array; not a bool, a float or a tracer
-        if isinstance(seed, (bool, np.bool_)):
-            raise TypeError
-        seed = operator.index(seed)
-    except TypeError:
-        raise TypeError(f"`seed` must be an int (it seeds the evaluation's keys), got {seed!r} of type {type(seed).__name__}.") from None
+    seed = _checks.check_seed(seed)
     data = np.asarray(data)
     likelihood = _likelihood_of(graphdef, params)
     data_lib.check_for_likelihood(data, likelihood, "data")

@@ -130,6 +130,9 @@ def test_impute_completes_hidden_halves(run, capsys):
     assert len(record["effective_sample_size"]) == 3 and all(1 <= e <= 50 + 1e-3 for e in record["effective_sample_size"])
     with pytest.raises(SystemExit, match=r"--points must be >= 1"):
         cli.main(["impute", str(run), "--points", "0"])
+    for seed in ("-1", str(2**32)):  # were the streams of seeds 2**32 - 1 and 0
+        with pytest.raises(SystemExit, match=r"--seed must be in \[0, 2\*\*32\)"):
+            cli.main(["impute", str(run), "--seed", seed])
 
 
 def test_evaluate_reports_the_inference_gaps(run, capsys):

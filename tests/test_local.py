@@ -260,6 +260,8 @@ def test_errors_name_what_was_expected():
     assert bool(info.finite) and not np.allclose(new_state.params.bias, state.params.bias)
     with pytest.raises(ValueError, match="num_inner_steps"):
         local.make_svi_step(graphdef, optax.sgd(0.1), objective=local.objective(), inner_optimizer=optax.sgd(0.1), num_inner_steps=0, seed=0)
+    with pytest.raises(ValueError, match=r"`seed` must be an int in \[0, 2\*\*32\), got 4294967296"):  # was seed 0's stream
+        local.make_svi_step(graphdef, optax.sgd(0.1), objective=local.objective(), inner_optimizer=optax.sgd(0.1), num_inner_steps=1, seed=2**32)
 
 
 def test_point_keys_and_batch_indices_must_be_integers():

@@ -409,3 +409,11 @@ def test_evaluate_requires_an_integer_seed():
     for bad in (1.5, True, "0", None):
         with pytest.raises(TypeError, match=r"`seed` must be an int"):
             train.evaluate(graphdef, state.params, data, seed=bad, num_samples=4, chunk_size=4, elbo_samples=2)
+    # Seeds outside one 32-bit word shared a stream with another (key(-1) is key(2**32 - 1)).
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match=r"`seed` must be an int"):
+            train.evaluate(graphdef, state.params, data, seed=bad, num_samples=4, chunk_size=4, elbo_samples=2)
+        with pytest.raises(ValueError, match=r"`seed` must be an int"):
+            train.make_step(graphdef, optax.adam(1e-3), train.objective("elbo"), seed=bad)
+    with pytest.raises(TypeError, match=r"`seed` must be an int >= 0, got 2.5"):
+        train.make_step(graphdef, optax.adam(1e-3), train.objective("elbo"), seed=2.5)
