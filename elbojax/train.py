@@ -86,6 +86,11 @@ def per_point_objective(per_point: Callable[[jax.Array, Any, jax.Array], jax.Arr
 
     def batch_objective(keys, model, batch, step):
         values = jax.vmap(per_point, in_axes=(0, None, 0))(keys, model, batch)
+        if jnp.shape(values)[1:] != ():
+            raise ValueError(
+                f"`per_point(key, model, x)` must return a scalar (one bound for one data point), "
+                f"got shape {jnp.shape(values)[1:]}."
+            )
         nan = jnp.full((), jnp.nan, values.dtype)
         return Terms(jnp.mean(values), nan, jnp.ones((), values.dtype))
 
