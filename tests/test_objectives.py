@@ -201,6 +201,6 @@ def test_per_point_objective_wraps_any_bound():
     expected = jnp.mean(jax.vmap(lambda k, x: ej.renyi_bound(k, x, model.log_joint, model.proposal(x), alpha=0.5, num_samples=4))(keys, batch))
     np.testing.assert_allclose(terms.objective, expected, rtol=1e-6)
     # A per-point value that is not a scalar was averaged over every axis (half the bound here).
-    pair = train.per_point_objective(lambda k, m, x: jnp.stack([ej.iwae_bound(k, x, m.log_joint, m.proposal(x)), 0.0]))
+    pair = train.per_point_objective(lambda k, m, x: jnp.stack([ej.iwae_bound(k, x, m.log_joint, m.proposal(x), num_samples=2), 0.0]))
     with pytest.raises(ValueError, match=r"must return a scalar \(one bound for one data point\), got shape \(2,\)"):
         pair(keys, model, batch, jnp.asarray(0))
