@@ -284,6 +284,11 @@ def test_argument_errors():
         cvae.proposal(x, jnp.array([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"`y` must be one label.*got shape \(\) and dtype float32"):
         cvae.given(1.0)
+    for bad in (3, -1, np.int64(10)):  # jax.nn.one_hot made each the all-zero label, silently
+        with pytest.raises(ValueError, match=rf"`y` must be a class in 0..2, got {int(bad)}"):
+            cvae.given(bad)
+        with pytest.raises(ValueError, match=r"`y` must be a class in 0..2"):
+            cvae.log_joint(x, jnp.zeros(2), bad)
     with pytest.raises(ValueError, match=r"`x` must have shape \(6,\)"):
         cvae.proposal(jnp.zeros(7), 0)
     with pytest.raises(TypeError, match=r"conditional.objective trains a ConditionalVAE, got SemiSupervisedVAE"):

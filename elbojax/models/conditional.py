@@ -61,10 +61,15 @@ from elbojax.proposals import closed_form_kl
 def label_vector(y, num_classes: int, dtype=jnp.float32) -> jax.Array:
     """One label as a vector `(C,)`: an integer class (shape `()`) becomes one-hot; a `(C,)` vector is kept.
 
-    A `(C,)` vector is used as it comes (a one-hot label; a soft label works the same way).
+    A `(C,)` vector is used as it comes (a one-hot label; a soft label works the same way). A
+    concrete integer class must lie in `0..C-1` (`jax.nn.one_hot` would make any other the
+    all-zero vector); a traced one cannot be checked.
     """
+    given = None if isinstance(y, jax.core.Tracer) else np.asarray(y)  # the value, when it is known
     y = jnp.asarray(y)
     if y.shape == () and jnp.issubdtype(y.dtype, jnp.integer):
+        if given is not None and not 0 <= int(given) < num_classes:
+            raise ValueError(f"`y` must be a class in 0..{num_classes - 1}, got {int(given)}.")
         return jax.nn.one_hot(y, num_classes, dtype=dtype)
     if y.shape == (num_classes,) and (jnp.issubdtype(y.dtype, jnp.floating) or jnp.issubdtype(y.dtype, jnp.integer) or y.dtype == bool):
         return y.astype(dtype)
