@@ -133,7 +133,10 @@ def combination_iwae_bound(
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, chunk_size, gradient)
     summary = _pathwise_summary(problem, gradient)
     iwae = summary_logsumexp(summary) - math.log(problem.num_samples)
-    return beta * summary.total / problem.num_samples + (1.0 - beta) * iwae
+    # A term of weight 0 is left out, not multiplied by 0: the ELBO is -inf when one weight is 0
+    # (beta = 0 is then still IWAE), IWAE when all are (beta = 1 is then still the ELBO, -inf).
+    terms = ([beta * summary.total / problem.num_samples] if beta > 0.0 else []) + ([(1.0 - beta) * iwae] if beta < 1.0 else [])
+    return sum(terms[1:], terms[0])
 
 
 def _group_keys(key, num_groups: int):

@@ -47,6 +47,18 @@ def test_combination_iwae_endpoints_and_mixture(problem):
         ciwae(1.5)
 
 
+def test_combination_iwae_endpoints_with_zero_weights(x64):
+    """With some weights 0, beta = 0 is still IWAE and the ELBO is -inf; with all 0, beta = 1 is
+    -inf (both were NaN: 0 * -inf)."""
+    key, q = jax.random.key(0), distrax.Normal(0.0, 1.0)
+    ciwae = lambda log_joint, b: ej.combination_iwae_bound(key, 1.0, log_joint, q, beta=b, num_samples=16, chunk_size=5)
+    assert np.isneginf(ej.log_weights(key, 1.0, truncated_model(0.3), q, num_samples=16)).any()
+    np.testing.assert_allclose(ciwae(truncated_model(0.3), 0.0), ej.iwae_bound(key, 1.0, truncated_model(0.3), q, num_samples=16), rtol=1e-12)
+    assert ciwae(truncated_model(0.3), 0.5) == -np.inf and ciwae(truncated_model(0.3), 1.0) == -np.inf
+    nowhere = lambda x, z: jnp.where(z > 1e9, 0.0, -jnp.inf)
+    assert ciwae(nowhere, 1.0) == -np.inf and ciwae(nowhere, 0.0) == -np.inf
+
+
 def test_multi_iwae_is_the_mean_of_group_iwae_bounds(problem):
     model, x, q = problem
     key = jax.random.key(4)
