@@ -170,8 +170,9 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
     $$\mathrm{ESS} = \frac{\left(\sum_k w_k\right)^2}{\sum_k w_k^2}
       = \exp\!\big(2\,\mathrm{LSE}(\ell) - \mathrm{LSE}(2\ell)\big),\qquad w_k = e^{\ell_k},$$
 
-    between 1 (one weight dominates) and $K$ (equal weights). Computed in log space, so it is
-    exact for log-weights far outside float range.
+    between 1 (one weight dominates) and $K$ (equal weights). Computed from the weights relative
+    to the largest (`exp_shifted`), so it is exact for log-weights far outside float range and
+    unchanged by a shift of them.
 
     Args:
       log_weights: array whose `axis` holds the $K$ log-weights.
@@ -196,9 +197,20 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
             f"`axis` {axis} is out of range for `log_weights` of shape {log_weights.shape} "
             "(the axis that holds the K log-weights)."
         )
-    lse = jax.nn.logsumexp(log_weights, axis=axis)
-    lse_sq = jax.nn.logsumexp(2.0 * log_weights, axis=axis)
-    all_zero = jnp.isneginf(lse)
-    # Both log-sum-exps are -inf together; mask them so that no inf - inf NaN is formed.
-    ess = jnp.exp(2.0 * jnp.where(all_zero, 0.0, lse) - jnp.where(all_zero, 0.0, lse_sq))
-    return jnp.where(all_zero, jnp.zeros_like(ess), ess)
+    exps = exp_shifted(log_weights, axis)  # w / max(w): the largest is 1, so neither sum overflows
+    total, total_sq = jnp.sum(exps, axis=axis), jnp.sum(exps * exps, axis=axis)
+    # Both sums are 0 when every weight is: the ESS is 0 then, with a zero gradient (no 0 / 0).
+    return total * total / jnp.where(total_sq > 0, total_sq, jnp.ones_like(total_sq))
+
+
+def exp_shifted(log_weights, axis: int) -> jax.Array:
+    r"""$e^{\ell_k - m}$ with $m = \max_k \ell_k$ along `axis` (0 where every $\ell_k = -\infty$).
+
+    Weights relative to the largest: the ratios of self-normalised weights and the ESS do not
+    depend on $m$, so it is held fixed under differentiation. Exactly invariant to a shift of
+    $\ell$, unlike $e^{\ell_k - \mathrm{LSE}(\ell)}$, whose rounded log-sum-exp loses the
+    digits of large log-weights (float32 at $\ell pprox -10^7$: four equal weights got
+    0.368 each).
+    """
+    largest = jax.lax.stop_gradient(jnp.max(log_weights, axis=axis, keepdims=True))
+    return jnp.exp(log_weights - jnp.where(jnp.isneginf(largest), jnp.zeros_like(largest), largest))

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 
 from elbojax import _checks
 from elbojax.estimators import _draw, _log_joint, _map_chunks, _prepare
-from elbojax.reductions import effective_sample_size
+from elbojax.reductions import effective_sample_size, exp_shifted
 
 RESAMPLING_METHODS = ("multinomial", "systematic")
 
@@ -81,9 +81,9 @@ def normalized_weights(log_weights) -> jax.Array:
       one is NaN.
     """
     log_weights = _check_log_weights(log_weights)
-    total = jax.nn.logsumexp(log_weights)
-    all_zero = jnp.isneginf(total)
-    return jnp.exp(log_weights - jnp.where(all_zero, jnp.zeros_like(total), total))
+    exps = exp_shifted(log_weights, axis=0)  # exactly invariant to a shift of the log-weights
+    total = jnp.sum(exps)
+    return exps / jnp.where(total > 0, total, jnp.ones_like(total))  # all 0, zero gradient, if every weight is 0
 
 
 class SNISEstimate(NamedTuple):

@@ -32,6 +32,26 @@ def test_normalized_weights_are_stable_and_handle_zero_weights(x64):
     assert np.all(np.isnan(snis.normalized_weights(jnp.array([0.0, jnp.nan, 1.0]))))
 
 
+def test_weights_and_ess_do_not_depend_on_a_shift_and_all_zero_weights_have_zero_gradients():
+    """float32 log-weights shifted by -1e5 or -1e7: still 0.25 each and an ESS of 4 (were 0.368
+    each, summing to 1.47, and an ESS of 1: exp(l - LSE(l)) lost the digits of the rounded LSE).
+    When every weight is 0 the value is 0 and so is the gradient (was NaN, from LSE's backward)."""
+    for offset in (-1e5, -1e7):
+        np.testing.assert_allclose(snis.normalized_weights(jnp.full(4, offset, jnp.float32)), 0.25, rtol=1e-6)
+        np.testing.assert_allclose(ej.effective_sample_size(jnp.full((2, 4), offset, jnp.float32)), [4.0, 4.0], rtol=1e-6)
+    log_weights = jnp.log(jnp.array([1.0, 2.0, 3.0]))
+    np.testing.assert_allclose(
+        jax.jacobian(snis.normalized_weights)(log_weights), jax.jacobian(jax.nn.softmax)(log_weights), rtol=1e-5, atol=1e-7
+    )
+    ess_of = lambda l: ej.effective_sample_size(l)
+    np.testing.assert_allclose(jax.grad(ess_of)(log_weights), jax.grad(lambda l: jnp.exp(2 * jax.nn.logsumexp(l) - jax.nn.logsumexp(2 * l)))(log_weights), rtol=1e-5)
+    nothing = jnp.full(4, -jnp.inf)
+    f = jnp.arange(4.0)[:, None]
+    for fn in (lambda l: snis.normalized_weights(l)[0], ess_of, lambda l: snis.posterior_expectation(f, l).mean[0]):
+        assert fn(nothing) == 0.0
+        np.testing.assert_array_equal(jax.grad(fn)(nothing), 0.0)
+
+
 def test_posterior_expectation_small_example_and_zero_weight_values_are_not_used():
     estimate = jax.jit(snis.posterior_expectation)(jnp.array([[1.0], [3.0]]), jnp.log(jnp.array([1.0, 3.0])))
     np.testing.assert_allclose(estimate.mean, [2.5], rtol=1e-6)
