@@ -629,7 +629,8 @@ def fit(
 
     Checkpoints (orbax) are written every `config.checkpoint_every` steps and at the end, keeping
     the last `config.keep_checkpoints`; metrics go to `run_dir/metrics.jsonl`, one line per call
-    (the objective and KL are means over the call's applied steps, `null` if every one was skipped).
+    (the objective and KL are means over the call's applied steps, `null` if every one was skipped
+    or the value is not reported).
     Because every key and batch is a function of the step, a run interrupted at any point (even
     killed) and resumed reaches the same parameters as an uninterrupted one, on any number of
     devices.
@@ -717,6 +718,7 @@ def fit(
             count = min(config.steps_per_call - first % config.steps_per_call, config.num_steps - first)
             batches, indices = _batches_for(images, config, first, count, mesh, observed)
             began = time.perf_counter()
+            skipped_before = int(state.skipped_in_a_row)
             state, info = multi_step(state, batches, indices)
             info = distributed.to_host(info)
             objective_mean = _applied_mean(info.objective, info.finite)
@@ -730,10 +732,11 @@ def fit(
             bar.update(count)
             bar.set_postfix(bound="skipped" if objective_mean is None else f"{objective_mean:.2f}")
             step = int(state.step)
-            if int(state.skipped_in_a_row) >= config.max_skipped_in_a_row:
+            longest = _longest_skipped_run(info.finite, skipped_before)
+            if longest >= config.max_skipped_in_a_row:
                 _save(manager, step, state)
                 raise TrainingStopped(
-                    f"Stopped at step {step}: {int(state.skipped_in_a_row)} steps in a row had a non-finite "
+                    f"Stopped at step {step}: {longest} steps in a row had a non-finite "
                     "loss, gradient or update (skipped, parameters untouched). Lower the learning rate or check "
                     f"the data and the model; the last good state is checkpointed in {run_dir / 'checkpoints'}."
                 )
@@ -745,9 +748,21 @@ def fit(
 
 
 def _applied_mean(values, finite) -> float | None:
-    """The mean of `values` over the steps whose update was applied (`finite`); None if none was."""
+    """The mean of `values` over the steps whose update was applied (`finite`); None (JSON's
+    `null`) if none was, or if the value is not reported (a NaN KL: a model without `log_prior`)."""
     kept = np.asarray(values)[np.asarray(finite, bool)]
-    return float(kept.mean()) if kept.size else None
+    mean = float(kept.mean()) if kept.size else float("nan")
+    return mean if np.isfinite(mean) else None
+
+
+def _longest_skipped_run(finite, skipped_before: int) -> int:
+    """The longest run of skipped steps in a call, counting the `skipped_before` that ended the last
+    one: a run that ends inside a call stops training too, however the steps are grouped."""
+    longest = run = skipped_before
+    for applied in np.asarray(finite, bool):
+        run = 0 if applied else run + 1
+        longest = max(longest, run)
+    return longest
 
 
 def _save(manager, step: int, state: TrainState) -> None:
@@ -792,9 +807,19 @@ def _truncate_metrics(path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
+    steps = [_record_step(line, json) for line in lines]
+    kept = [line for line, at in zip(lines, steps) if at is not None and at <= step]
+    if len(kept) != len(lines):  # also drops a line cut short by a kill (or a full disk) mid-write
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str, json) -> int | None:
+    """The step of one metrics line, or None if the line is not a whole record."""
+    try:
+        record = json.loads(line)
+        return int(record["step"])
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def restore(manager, state: TrainState, step: int | None = None) -> TrainState:

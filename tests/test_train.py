@@ -8,6 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
+import elbojax as ej
 from elbojax import exact, models, train
 
 
@@ -210,6 +211,19 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert kept == ["30", "40"], kept  # the last two
 
 
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path):
+    """A line cut off mid-write (a kill, a full disk) made every later resume fail with a
+    JSONDecodeError; it is dropped with the lines past the checkpoint."""
+    import json
+
+    _fit(tmp_path / "split", 20)
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 25, "objective": -8.1')
+    _fit(tmp_path / "split", 30)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]
+
+
 def test_a_run_extended_from_a_step_between_calls_keeps_its_checkpoints(tmp_path):
     """A 23-step run (calls of 5: its last is 3 steps) extended to 45: the first call after the
     resume is 2 steps long, so that checkpoints fall on multiples of `checkpoint_every` again."""
@@ -359,6 +373,45 @@ def test_metrics_average_the_applied_steps_of_a_call(tmp_path):
     first, second = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert first["num_skipped"] == 1 and np.isfinite(first["objective"])
     assert second["num_skipped"] == 6 and second["objective"] is None and second["kl"] is None
+
+
+def test_fit_stops_after_a_run_of_skipped_steps_that_ends_inside_a_call(tmp_path):
+    """NaN at steps 2-6 of a 10-step call with a limit of 3: the run stops (it went on, since only
+    the streak at the call's end was looked at), counting a streak carried in from the call before."""
+    graphdef, state, _ = _fresh()
+    base = train.objective("elbo", num_samples=1)
+
+    def nan_at(first, last):
+        def marked(keys, model, batch, step):
+            terms = base(keys, model, batch, step)
+            return terms._replace(objective=jnp.where((step >= first) & (step <= last), jnp.nan, terms.objective))
+        return marked
+
+    config = CONFIG._replace(num_steps=20, steps_per_call=10, checkpoint_every=10, max_skipped_in_a_row=3)
+    with pytest.raises(train.TrainingStopped, match=r"Stopped at step 10: 5 steps in a row"):
+        train.fit(graphdef, state, optax.adam(1e-2), nan_at(2, 6), IMAGES, run_dir=tmp_path / "inside", config=config, progress=False)
+    # Two skipped steps at the end of one call and one at the start of the next make three.
+    with pytest.raises(train.TrainingStopped, match=r"Stopped at step 10: 3 steps in a row"):
+        train.fit(graphdef, state, optax.adam(1e-2), nan_at(3, 5), IMAGES, run_dir=tmp_path / "across",
+                  config=config._replace(steps_per_call=5, checkpoint_every=5), progress=False)
+    finished = train.fit(graphdef, state, optax.adam(1e-2), nan_at(3, 4), IMAGES, run_dir=tmp_path / "short",
+                         config=config._replace(steps_per_call=5, checkpoint_every=5), progress=False)
+    assert int(finished.step) == 20 and int(finished.num_skipped) == 2
+
+
+def test_metrics_lines_are_strict_json_when_the_kl_is_not_reported(tmp_path):
+    """An objective that does not report the KL (NaN) wrote a bare NaN, which is not JSON."""
+    import json
+
+    graphdef, state, _ = _fresh()
+    per_point = train.per_point_objective(lambda k, m, x: ej.iwae_bound(k, x, m.log_joint, m.proposal(x), num_samples=2))
+    train.fit(graphdef, state, optax.adam(1e-2), per_point, IMAGES, run_dir=tmp_path, config=CONFIG._replace(num_steps=10), progress=False)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kl"] for r in records] == [None, None] and all(np.isfinite(r["objective"]) for r in records)
 
 
 @pytest.mark.parametrize("check", ["call", "step"])
