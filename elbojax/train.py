@@ -456,6 +456,12 @@ def make_multi_step(step, *, check: str = "call"):
     the parameters stay finite either way. In the steps that ran unchecked,
     `StepInfo.grad_norm` is NaN. `check="step"` checks every step, with its gradient norm.
 
+    The two forms can differ on one kind of step: a gradient whose entries are all finite but
+    whose global norm overflows (float32 entries from about 1e18). A per-step check skips it,
+    by design (its norm is not finite, and at about 2e19 Adam's squared moments overflow too,
+    which would leave an infinite state behind); the once-per-call check applies it when the
+    state it gives is finite, and re-runs the call, checked, when it is not.
+
     A checked step skips a non-finite loss or gradient, but a finite gradient can still give a
     non-finite update (an infinite learning rate, parameters near the largest float). With a
     step from `make_step`, either check form therefore also checks the state the checked steps
