@@ -36,7 +36,9 @@ $\mathrm{ELBO}(q^*) - \mathrm{ELBO}(q_\psi)$ is the amortisation gap of Cremer e
 composition or device count.
 
 **Non-finite steps are skipped.** An inner step whose objective or gradient is not finite leaves
-$\phi$ and the optimizer state unchanged and is counted (`LocalResult.num_skipped`).
+$\phi$ and the optimizer state unchanged and is counted (`LocalResult.num_skipped`). The check
+is on the gradient's global norm, so a finite gradient whose norm overflows (float32 entries
+from about 1e18) is skipped too, as `train.make_step` does.
 
 References:
   Hoffman, Blei, Wang & Paisley, *Stochastic Variational Inference*, JMLR 2013,
