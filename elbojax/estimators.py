@@ -34,7 +34,9 @@ samples and, up to float rounding, the same value for any `chunk_size`; and the 
 samples of a $K' > K$ draw are exactly the $K$-sample draw (so one `log_weights` call at the
 largest $K$ serves a whole sweep over $K$). Each chunk is
 rematerialised (`jax.checkpoint`) on the backward pass, so gradients keep the same memory
-bound (at the price of recomputing each chunk's forward pass once).
+bound (at the price of recomputing each chunk's forward pass once). The running sums are kept
+in at least float32: 16-bit log-weights (float16, bfloat16) give a float32 estimate, since a
+16-bit sum stops growing (bfloat16 keeps 8 bits of a sum of hundreds of nats).
 
 **Non-finite log-weights.** A log-weight of $-\infty$ (a sample where $p(x, z) = 0$) is a weight
 of 0: it contributes nothing to the log-sum-exp reductions (`iwae_bound`, `importance_log_marginal`,
@@ -62,7 +64,7 @@ from elbojax import _checks
 from elbojax._keys import fold_in_many
 from elbojax import gradients as grads
 from elbojax.proposals import as_proposal, closed_form_entropy, closed_form_kl
-from elbojax.reductions import LogWeightSummary, combine, summarize, summary_logsumexp
+from elbojax.reductions import LogWeightSummary, combine, summarize, summary_logsumexp, widened
 
 
 class _Problem(NamedTuple):
@@ -166,7 +168,7 @@ def _summary_and_sums(chunk_fn):
 
     def summarized(start, count):
         log_weights, *terms = chunk_fn(start, count)
-        return (summarize(log_weights),) + tuple(jnp.sum(t) for t in terms)
+        return (summarize(log_weights),) + tuple(jnp.sum(widened(t)) for t in terms)
 
     return summarized
 
@@ -376,7 +378,7 @@ def _iwae_dreg(problem: _Problem):
         terms = weights * (_log_joint(problem, z_scaled) - log_q_path)
         # A zero weight (log-weight -inf) contributes nothing: 0 * -inf would make the value NaN.
         # The masked entries get a zero cotangent, and 0 * weight is 0: the gradient is unchanged.
-        surrogate = jnp.sum(jnp.where(weights > 0, terms, jnp.zeros_like(terms)))
+        surrogate = jnp.sum(widened(jnp.where(weights > 0, terms, jnp.zeros_like(terms))))
         return summarize(log_weights), surrogate
 
     summary, surrogate = _fold_chunks(chunk_fn, _with_sums, problem)

@@ -48,8 +48,15 @@ def _finite_or_zero(m):
     return jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
 
 
+def widened(values: jax.Array) -> jax.Array:
+    """`values` in at least float32: a 16-bit sum stops growing (bfloat16 keeps 8 bits), so the
+    estimators reduce 16-bit log-weights in float32 and return a float32 estimate."""
+    return values.astype(jnp.promote_types(values.dtype, jnp.float32))
+
+
 def summarize(log_weights: jax.Array) -> LogWeightSummary:
-    """Summarise a 1-D array of log-weights (shape `(K,)`)."""
+    """Summarise a 1-D array of log-weights (shape `(K,)`), in at least float32 (`widened`)."""
+    log_weights = widened(log_weights)
     m = jax.lax.stop_gradient(jnp.max(log_weights))
     scaled = jnp.sum(jnp.exp(log_weights - _finite_or_zero(m)))
     return LogWeightSummary(m, scaled, jnp.sum(log_weights))
@@ -90,6 +97,7 @@ class Expm1Summary(NamedTuple):
 
 def summarize_expm1(log_weights: jax.Array) -> Expm1Summary:
     """Summarise a 1-D array of log-weights (shape `(K,)`), with the expm1 sum and the count."""
+    log_weights = widened(log_weights)
     summary = summarize(log_weights)
     expm1_sum = jnp.sum(jnp.expm1(log_weights - _finite_or_zero(summary.max)))
     return Expm1Summary(summary, expm1_sum, jnp.asarray(log_weights.shape[0], log_weights.dtype))
