@@ -561,4 +561,6 @@ def elbo_entropy(
         "The proposal must have no batch shape (e.g. `distrax.Independent(..., 1)` or "
         "`distrax.MultivariateNormalDiag` for independent components).",
     )
-    return _mean_of(problem) + entropy
+    mean = _mean_of(problem)
+    # distrax's Gaussian entropy is float64 under x64 whatever the proposal's dtype: keep the estimate's.
+    return mean + jnp.asarray(entropy).astype(mean.dtype)

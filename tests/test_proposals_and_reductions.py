@@ -148,3 +148,15 @@ def test_effective_sample_size_checks_its_axis():
         reductions.effective_sample_size(jnp.zeros((3, 4)), axis=0.5)
     np.testing.assert_allclose(reductions.effective_sample_size(jnp.zeros((3, 4)), axis=0), np.full(4, 3.0), rtol=1e-6)
     np.testing.assert_allclose(reductions.effective_sample_size(jnp.zeros((3, 4)), axis=-2), np.full(4, 3.0), rtol=1e-6)
+
+
+def test_every_elbo_form_keeps_a_float32_proposal_float32_under_x64(x64):
+    """distrax's Gaussian entropy is float64 under x64 whatever its parameters' dtype, so
+    `elbo_entropy` of a float32 proposal came back float64 while `elbo` stayed float32."""
+    log_joint = lambda x, z: -0.5 * jnp.sum(z**2)
+    for q in (
+        ej.proposals.MultivariateNormalDiag(jnp.zeros(2, jnp.float32), jnp.ones(2, jnp.float32)),
+        distrax.MultivariateNormalDiag(jnp.zeros(2, jnp.float32), jnp.ones(2, jnp.float32)),
+    ):
+        for estimator in (ej.elbo, ej.elbo_entropy):
+            assert estimator(jax.random.key(0), None, log_joint, q, num_samples=2).dtype == jnp.float32
