@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from elbojax.reductions import effective_sample_size
+from elbojax.reductions import effective_sample_size, widened
 
 __all__ = [
     "ActiveUnits",
@@ -245,8 +245,10 @@ def _mean_and_variance(draws: jax.Array, axis: int):
     """Sample mean and unbiased (ddof=1) variance along `axis`.
 
     Computed from the deviations from the first draw, so that identical draws give a variance of
-    exactly 0 (the mean of N equal floats is not always that float).
+    exactly 0 (the mean of N equal floats is not always that float); in at least float32, since
+    16-bit squares overflow (float16 beyond 256) and 16-bit sums stop growing.
     """
+    draws = widened(draws)
     first = jax.lax.index_in_dim(draws, 0, axis, keepdims=True)
     deviations = draws - first
     mean = jnp.squeeze(first, axis) + jnp.mean(deviations, axis=axis)

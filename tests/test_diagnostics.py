@@ -217,6 +217,18 @@ def test_gradient_snr_matches_numpy_on_any_axis(x64):
     np.testing.assert_allclose(pooled_snr(moved, axis=-1), pooled, rtol=1e-12)
 
 
+def test_gradient_snr_of_16_bit_draws_is_computed_in_float32():
+    """float16 draws with a spread above ~256: the squared deviations overflowed (SNR 0, pooled NaN)."""
+    draws = np.random.default_rng(0).normal(size=(50, 3)) * np.array([300.0, 1000.0, 20.0]) + 400.0
+    expected = np.abs(draws.mean(0)) / draws.std(0, ddof=1)
+    pooled = np.linalg.norm(draws.mean(0)) / np.sqrt(np.sum(draws.var(0, ddof=1)))
+    for dtype in (jnp.float16, jnp.bfloat16):
+        rounded = np.asarray(jnp.asarray(draws, dtype), np.float64)
+        np.testing.assert_allclose(snr(jnp.asarray(draws, dtype)), np.abs(rounded.mean(0)) / rounded.std(0, ddof=1), rtol=1e-5)
+        np.testing.assert_allclose(pooled_snr(jnp.asarray(draws, dtype)), pooled, rtol=2e-2)
+    np.testing.assert_allclose(snr(jnp.asarray(draws, jnp.float32)), expected, rtol=1e-5)
+
+
 def test_gradient_snr_of_normal_draws_with_known_mean_and_std():
     # Draws N(2, 4^2): SNR = 0.5. With N = 10^4 draws each estimate has standard deviation
     # sqrt((1 + SNR^2 / 2) / N) = 0.011 (delta method); tolerance 0.045, 4 of them.
