@@ -40,6 +40,20 @@ def check_finite_nonnegative(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_finite_positive(value: Any, name: str) -> float:
+    """Return `value` as a `float` if it is a static real number > 0 and finite, else raise.
+
+    NumPy and 0-d JAX scalars pass (`np.float32(0.5)`); `bool` does not.
+    """
+    if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == () and not isinstance(value, jax.core.Tracer):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number > 0, got {value!r} of type {type(value).__name__}.")
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"`{name}` must be a finite number > 0, got {value}.")
+    return float(value)
+
+
 def check_optional_positive_int(value: Any, name: str) -> int | None:
     """Like `check_positive_int`, but `None` passes through."""
     return None if value is None else check_positive_int(value, name)

@@ -105,8 +105,8 @@ def _check_temperature(temperature: Any, dtype) -> jax.Array:
     kind = jnp.result_type(temperature)
     if not (jnp.issubdtype(kind, jnp.integer) or jnp.issubdtype(kind, jnp.floating)):
         raise TypeError(f"`temperature` must be a real number, got dtype {kind}.")
-    if not isinstance(temperature, jax.core.Tracer) and not float(temperature) > 0:
-        raise ValueError(f"`temperature` must be > 0, got {float(temperature)}.")
+    if not isinstance(temperature, jax.core.Tracer) and not 0 < float(temperature) < math.inf:
+        raise ValueError(f"`temperature` must be finite and > 0, got {float(temperature)}.")
     return jnp.asarray(temperature).astype(dtype)
 
 

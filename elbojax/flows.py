@@ -132,9 +132,8 @@ class CouplingFlow(nnx.Module):
             raise ValueError("A conditioned flow (context_dim > 0) needs at least one hidden layer in `hidden`.")
         if not callable(activation):
             raise TypeError(f"`activation` must be callable (e.g. jnp.tanh), got {type(activation).__name__}.")
-        if not (isinstance(max_log_scale, (int, float)) and max_log_scale > 0):
-            raise ValueError(f"`max_log_scale` must be a number > 0, got {max_log_scale!r}.")
-        self.context_dim = int(context_dim)
+        max_log_scale = _checks.check_finite_positive(max_log_scale, "max_log_scale")
+        self.context_dim = 0 if context_dim == 0 else _checks.check_positive_int(context_dim, "context_dim")
         self.conditioners = nnx.List(
             [
                 _Conditioner(self.latent_dim, hidden, self.context_dim, activation, float(max_log_scale), rngs=rngs, param_dtype=param_dtype)

@@ -567,8 +567,11 @@ def test_sampled_log_densities_stay_finite_when_float32_samples_round():
 
 
 def test_relaxation_argument_errors():
-    with pytest.raises(ValueError, match=r"`temperature` must be > 0, got 0.0"):
+    with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0, got 0.0"):
         discrete.RelaxedOneHotCategorical(jnp.zeros(3), 0.0)
+    for relaxed in (discrete.RelaxedOneHotCategorical, discrete.RelaxedBernoulli):  # log q was NaN
+        with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0, got inf"):
+            relaxed(jnp.zeros(3), float("inf"))
     with pytest.raises(ValueError, match=r"`temperature` must be a scalar, got shape \(3,\)"):
         discrete.RelaxedBernoulli(jnp.zeros(3), jnp.ones(3))
     with pytest.raises(ValueError, match=r"`logits` must have shape \(..., C\) with C >= 2 classes .* got \(1,\)"):

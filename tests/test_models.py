@@ -545,5 +545,10 @@ def test_constructors_check_their_arguments():
         GaussianMLPEncoder(6, 2, 200, rngs=r)
     with pytest.raises(ValueError, match=r"`hidden\[1\]` must be an int >= 1, got 0"):
         BernoulliMLPDecoder(2, 6, (5, 0), rngs=r)
-    with pytest.raises(ValueError, match=r"`fixed_scale` must be None \(learned\) or a positive float"):
+    with pytest.raises(ValueError, match=r"`fixed_scale` must be a finite number > 0, got 0.0"):
         GaussianMLPDecoder(2, 6, rngs=r, fixed_scale=0.0)
+    with pytest.raises(ValueError, match=r"`fixed_scale` must be a finite number > 0, got inf"):  # log p was -inf
+        GaussianMLPDecoder(2, 6, rngs=r, fixed_scale=float("inf"))
+    with pytest.raises(TypeError, match=r"`fixed_scale` must be a real number > 0, got True"):  # was sigma = 1
+        GaussianMLPDecoder(2, 6, rngs=r, fixed_scale=True)
+    assert GaussianMLPDecoder(2, 6, rngs=r, fixed_scale=np.float32(0.5)).fixed_log_scale == np.log(0.5)  # was refused

@@ -97,8 +97,8 @@ class GaussianMLPDecoder(nnx.Module):
     ):
         self.latent_dim = _checks.check_positive_int(latent_dim, "latent_dim")
         self.data_dim = _checks.check_positive_int(data_dim, "data_dim")
-        if fixed_scale is not None and not (isinstance(fixed_scale, (int, float)) and fixed_scale > 0):
-            raise ValueError(f"`fixed_scale` must be None (learned) or a positive float, got {fixed_scale!r}.")
+        if fixed_scale is not None:  # None: learned
+            fixed_scale = _checks.check_finite_positive(fixed_scale, "fixed_scale")
         self.fixed_log_scale = None if fixed_scale is None else math.log(fixed_scale)
         self.trunk = MLP(self.latent_dim, hidden, activation, rngs=rngs, param_dtype=param_dtype)
         self.mean_head = linear(self.trunk.out_dim, self.data_dim, rngs=rngs, param_dtype=param_dtype)
