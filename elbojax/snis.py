@@ -188,8 +188,12 @@ def resample(key, log_weights, num: int, *, method: str = "multinomial") -> jax.
         return jax.random.categorical(key, log_weights, shape=(num,)).astype(jnp.int32)
     cumulative = jnp.cumsum(normalized_weights(log_weights))
     positions = (jax.random.uniform(key, (), cumulative.dtype) + jnp.arange(num, dtype=cumulative.dtype)) / num
-    # Scaled by the last cumulative weight (1 up to rounding), so no point falls past the end.
-    indices = jnp.searchsorted(cumulative, positions * cumulative[-1], side="right")
+    # Scaled by the last cumulative weight (1 up to rounding), and kept strictly below it: (u + i)/num
+    # rounds to exactly 1 for u near 1 in float32, and a point at the total would fall past the
+    # last sample of positive weight (onto the samples of weight 0 after it).
+    total = cumulative[-1]
+    positions = jnp.minimum(positions * total, jnp.nextafter(total, jnp.zeros_like(total)))
+    indices = jnp.searchsorted(cumulative, positions, side="right")
     return jnp.clip(indices, 0, log_weights.shape[0] - 1).astype(jnp.int32)
 
 

@@ -135,6 +135,21 @@ def test_multinomial_resampling_frequencies_match_the_weights():
     assert frequencies[4] == 0.0
 
 
+def test_systematic_resampling_never_picks_a_trailing_zero_weight():
+    """In float32 the last point (u + num - 1) / num rounds to exactly 1 when u is near 1 (about
+    one key in 2200 at num = 10000); it fell past the end, and the clip gave the last sample,
+    of weight 0 here."""
+    num = 10_000
+    candidates = jax.random.split(jax.random.key(0), 20_000)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(candidates)
+    rounding = candidates[jnp.nonzero(u + (num - 1) >= num)[0]]
+    assert rounding.shape[0] >= 3  # the keys that reach the end
+    log_weights = jnp.log(jnp.array([1.0, 1.0, 0.0]))
+    for key in rounding[:3]:
+        counts = np.bincount(np.asarray(snis.resample(key, log_weights, num, method="systematic")), minlength=3)
+        np.testing.assert_array_equal(counts, [5000, 5000, 0])
+
+
 def test_systematic_resampling_counts_are_floor_or_ceil_and_unbiased():
     probabilities = np.array([0.05, 0.0, 0.33, 0.12, 0.5])
     with np.errstate(divide="ignore"):
