@@ -264,6 +264,7 @@ def importance_resample(
       Rubin 1988; Owen 2013, ch. 9.
     """
     _checks.check_key(key)
+    num_resampled = _checks.check_positive_int(num_resampled, "num_resampled")
     draw_key, resample_key = jax.random.split(key)
     z, log_weights = importance_samples(draw_key, x, log_joint, proposal, num_samples=num_samples, chunk_size=chunk_size)
     indices = resample(resample_key, log_weights, num_resampled, method=method)

@@ -338,7 +338,7 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
 
     def loss(params, step_key, batch, indices, step):
         model = nnx.merge(graphdef, params)
-        keys = fold_in_many(step_key, indices)  # = vmap(fold_in)(step_key, indices), one fused pass
+        keys = fold_in_many(step_key, indices, name="indices")  # = vmap(fold_in)(step_key, indices), one fused pass
         terms = objective_fn(keys, model, batch, step)
         return -terms.objective, terms
 
@@ -939,6 +939,8 @@ def evaluate(
     from elbojax.estimators import importance_log_marginal
 
     seed = _checks.check_seed(seed)
+    num_samples = _checks.check_positive_int(num_samples, "num_samples")
+    elbo_samples = _checks.check_positive_int(elbo_samples, "elbo_samples")
     data = np.asarray(data)
     likelihood = _likelihood_of(graphdef, params)
     data_lib.check_for_likelihood(data, likelihood, "data")

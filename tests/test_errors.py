@@ -249,3 +249,23 @@ def test_renyi_alpha_must_be_finite(toy, alpha):
     for run in _jit_too(call):
         with pytest.raises(ValueError, match=r"`alpha` must be a finite float, got (nan|inf|-inf)"):
             run()
+
+
+def test_messages_name_the_argument_the_caller_gave():
+    """Each named another argument: `data` for float `indices`, `num` for `num_resampled`,
+    `num_samples` for `elbo_samples`."""
+    import optax
+    from flax import nnx
+
+    from elbojax import models, snis, train
+
+    rngs = nnx.Rngs(0)
+    model = models.VAE(models.GaussianMLPEncoder(6, 2, (4,), rngs=rngs), models.BernoulliMLPDecoder(2, 6, (4,), rngs=rngs), models.StandardNormalPrior(2))
+    graphdef, state = train.init(model, optax.adam(1e-3))
+    step = train.make_step(graphdef, optax.adam(1e-3), train.objective("elbo"), seed=0)
+    with pytest.raises(TypeError, match=r"`indices` must be an integer array"):
+        step(state, jnp.zeros((2, 6)), jnp.array([0.5, 1.0]))
+    with pytest.raises(ValueError, match=r"`elbo_samples` must be an int >= 1, got 0"):
+        train.evaluate(graphdef, state.params, np.zeros((2, 6), np.float32), num_samples=4, chunk_size=4, elbo_samples=0)
+    with pytest.raises(ValueError, match=r"`num_resampled` must be an int >= 1, got 0"):
+        snis.importance_resample(jax.random.key(0), None, lambda x, z: -(z**2), distrax.Normal(0.0, 1.0), num_samples=4, num_resampled=0)
