@@ -208,7 +208,8 @@ def not_reparameterizable_message(proposal, gradient: str) -> str:
         f"gradient={gradient!r} needs a reparameterizable proposal, but "
         f"{name} cannot be reparameterized (its samples are discrete, or its "
         "reparameterization_type is not FULLY_REPARAMETERIZED). "
-        "Use gradient='score' or 'vimco', enumerate the latent (elbojax.discrete), or a relaxation."
+        "Use a score-function gradient (elbo(..., gradient='score'), iwae_bound(..., gradient='score' "
+        "or 'vimco'); the other estimators have none), enumerate the latent (elbojax.discrete), or a relaxation."
     )
 
 
@@ -233,6 +234,14 @@ def vimco_signals(log_weights: jax.Array) -> jax.Array:
     Args:
       log_weights: `(K,)` log-weights, `K >= 2`, treated as constants.
     """
+    log_weights = jnp.asarray(log_weights)
+    if not jnp.issubdtype(log_weights.dtype, jnp.floating):
+        raise TypeError(f"`log_weights` must be a floating-point array, got dtype {log_weights.dtype}.")
+    if log_weights.ndim != 1 or log_weights.shape[0] < 2:
+        raise ValueError(
+            "`log_weights` must have shape (K,) with K >= 2 (a leave-one-out baseline needs another "
+            f"sample), the log-weights of ONE data point; got shape {log_weights.shape}."
+        )
     log_weights = jax.lax.stop_gradient(log_weights)
     num = log_weights.shape[0]
     neg_inf = jnp.full((1,), -jnp.inf, log_weights.dtype)

@@ -358,6 +358,17 @@ def test_vimco_signals_with_zero_weights_match_the_definition(x64, log_weights):
     np.testing.assert_allclose(signals, _vimco_reference(log_weights), rtol=1e-12, atol=1e-14)
 
 
+def test_vimco_signals_check_their_input():
+    """K = 1 gave [nan]; integers an OverflowError; a (2, 2) array a concatenate error."""
+    with pytest.raises(ValueError, match=r"shape \(K,\) with K >= 2 .* got shape \(1,\)"):
+        ej.gradients.vimco_signals(jnp.zeros(1))
+    with pytest.raises(ValueError, match=r"shape \(K,\) with K >= 2 .* got shape \(2, 2\)"):
+        ej.gradients.vimco_signals(jnp.zeros((2, 2)))
+    with pytest.raises(TypeError, match=r"`log_weights` must be a floating-point array, got dtype int32"):
+        ej.gradients.vimco_signals(jnp.zeros(3, jnp.int32))
+    np.testing.assert_allclose(ej.gradients.vimco_signals([0.0, 1.0]), _vimco_reference([0.0, 1.0]), rtol=1e-6)  # a list
+
+
 @pytest.fixture
 def impossible_class(x64):
     """A 4-class latent whose class 2 has p(x, z) = 0, and a categorical proposal that draws it."""
