@@ -147,7 +147,12 @@ def posterior_expectation(f_values, log_weights) -> SNISEstimate:
     f_values = jnp.where(used, f_values, jnp.zeros((), f_values.dtype))
     mean = jnp.sum(weights * f_values, axis=0)
     squared = jnp.where(used, (weights * (f_values - mean)) ** 2, 0.0)
-    return SNISEstimate(mean, jnp.sqrt(jnp.sum(squared, axis=0)), effective_sample_size(log_weights))
+    variance = jnp.sum(squared, axis=0)
+    # sqrt's derivative at 0 is infinite (times a zero cotangent: NaN); the SE of 0 (one sample,
+    # one weight, or equal values) gets a zero gradient, its one-sided limit along those directions.
+    positive = variance > 0
+    standard_error = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, jnp.ones_like(variance))), jnp.zeros_like(variance))
+    return SNISEstimate(mean, standard_error, effective_sample_size(log_weights))
 
 
 def resample(key, log_weights, num: int, *, method: str = "multinomial") -> jax.Array:

@@ -135,6 +135,18 @@ def test_multinomial_resampling_frequencies_match_the_weights():
     assert frequencies[4] == 0.0
 
 
+def test_a_zero_standard_error_has_a_zero_gradient():
+    """K = 1, or equal values: SE 0, and its gradient was NaN (sqrt's derivative at 0)."""
+    for f, log_weights in ((jnp.ones((1, 1)), jnp.zeros(1)), (jnp.full((3, 1), 2.0), jnp.array([0.0, 1.0, -1.0]))):
+        se = lambda l, f=f: snis.posterior_expectation(f, l).standard_error.sum()
+        assert se(log_weights) == 0.0
+        np.testing.assert_array_equal(jax.grad(se)(log_weights), 0.0)
+    f, log_weights = jnp.array([[1.0], [3.0]]), jnp.array([0.0, 0.5])
+    se = lambda l: snis.posterior_expectation(f, l).standard_error.sum()
+    by_hand = lambda l: jnp.sqrt(jnp.sum(jax.nn.softmax(l) ** 2 * (f[:, 0] - jnp.sum(jax.nn.softmax(l) * f[:, 0])) ** 2))
+    np.testing.assert_allclose(jax.grad(se)(log_weights), jax.grad(by_hand)(log_weights), rtol=1e-5)
+
+
 def test_systematic_resampling_never_picks_a_trailing_zero_weight():
     """In float32 the last point (u + num - 1) / num rounds to exactly 1 when u is near 1 (about
     one key in 2200 at num = 10000); it fell past the end, and the clip gave the last sample,
