@@ -391,8 +391,7 @@ class GaussianMixture:
         References:
           Dempster, Laird & Rubin 1977; Bishop, *PRML* 2006, sec. 9.2.2.
         """
-        if jnp.ndim(data) != 2 or jnp.shape(data)[1] != self.dim:
-            raise ValueError(f"`data` must have shape (N, {self.dim}), got {jnp.shape(data)}.")
+        self._check_data(data)
         log_resp = jax.vmap(lambda x: self.posterior(x).logits)(data)
         resp = jnp.exp(log_resp)
         counts = jnp.sum(resp, axis=0)
@@ -407,7 +406,12 @@ class GaussianMixture:
 
     def mean_log_marginal(self, data):
         r"""$\frac1N \sum_n \log p(x_n)$ over `data` of shape `(N, D)`."""
+        self._check_data(data)
         return jnp.mean(jax.vmap(self.log_marginal)(data))
+
+    def _check_data(self, data) -> None:
+        if jnp.ndim(data) != 2 or jnp.shape(data)[1] != self.dim or jnp.shape(data)[0] < 1:
+            raise ValueError(f"`data` must have shape (N, {self.dim}) with N >= 1, got {jnp.shape(data)}.")
 
 
 def fit_em(model: GaussianMixture, data, *, num_steps: int):

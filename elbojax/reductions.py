@@ -205,6 +205,8 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
             f"`axis` {axis} is out of range for `log_weights` of shape {log_weights.shape} "
             "(the axis that holds the K log-weights)."
         )
+    if log_weights.shape[axis] < 1:
+        raise ValueError(f"`log_weights` must hold K >= 1 log-weights along `axis` {axis}, got shape {log_weights.shape}.")
     exps = exp_shifted(log_weights, axis)  # w / max(w): the largest is 1, so neither sum overflows
     total, total_sq = jnp.sum(exps, axis=axis), jnp.sum(exps * exps, axis=axis)
     # Both sums are 0 when every weight is: the ESS is 0 then, with a zero gradient (no 0 / 0).

@@ -352,6 +352,8 @@ def make_step(graphdef, optimizer: optax.GradientTransformation, objective_fn: O
         return one_step(state, batch, indices, form="unchecked")
 
     def one_step(state: TrainState, batch, indices, form: str):
+        if jnp.ndim(batch) < 1 or jnp.shape(batch)[0] < 1:
+            raise ValueError(f"`batch` must have shape (B, ...) with B >= 1 examples, got {jnp.shape(batch)}.")
         if jnp.ndim(indices) != 1 or jnp.shape(indices)[0] != jnp.shape(batch)[0]:
             raise ValueError(
                 f"`indices` must have shape ({jnp.shape(batch)[0]},), one per example of `batch`, "

@@ -269,3 +269,29 @@ def test_messages_name_the_argument_the_caller_gave():
         train.evaluate(graphdef, state.params, np.zeros((2, 6), np.float32), num_samples=4, chunk_size=4, elbo_samples=0)
     with pytest.raises(ValueError, match=r"`num_resampled` must be an int >= 1, got 0"):
         snis.importance_resample(jax.random.key(0), None, lambda x, z: -(z**2), distrax.Normal(0.0, 1.0), num_samples=4, num_resampled=0)
+
+
+def test_empty_data_is_refused_not_averaged_into_nan():
+    """N = 0 gave NaN logits from em_step, a NaN mean log-likelihood, an objective of NaN (a
+    skipped step) from make_step, and an ESS of 0 from an empty set of log-weights."""
+    import optax
+    from flax import nnx
+
+    from elbojax import models, train
+
+    mixture = exact.GaussianMixture.random(jax.random.key(0), num_components=3, dim=2)
+    empty = jnp.zeros((0, 2))
+    with pytest.raises(ValueError, match=r"`data` must have shape \(N, 2\) with N >= 1, got \(0, 2\)"):
+        mixture.em_step(empty)
+    with pytest.raises(ValueError, match=r"with N >= 1, got \(0, 2\)"):
+        mixture.mean_log_marginal(empty)
+    with pytest.raises(ValueError, match=r"with N >= 1"):
+        exact.fit_em(mixture, empty, num_steps=2)
+    rngs = nnx.Rngs(0)
+    model = models.VAE(models.GaussianMLPEncoder(6, 2, (4,), rngs=rngs), models.BernoulliMLPDecoder(2, 6, (4,), rngs=rngs), models.StandardNormalPrior(2))
+    graphdef, state = train.init(model, optax.adam(1e-3))
+    step = train.make_step(graphdef, optax.adam(1e-3), train.objective("elbo"), seed=0)
+    with pytest.raises(ValueError, match=r"`batch` must have shape \(B, ...\) with B >= 1 examples, got \(0, 6\)"):
+        jax.jit(step)(state, jnp.zeros((0, 6)), jnp.zeros(0, jnp.int32))
+    with pytest.raises(ValueError, match=r"K >= 1 log-weights along `axis` -1, got shape \(3, 0\)"):
+        ej.effective_sample_size(jnp.zeros((3, 0)))
