@@ -18,7 +18,7 @@ levels), and the active units (Burda et al.'s 0.01 criterion), next to the paper
 **The schedule.** The paper trains for 3,280 passes (for a GPU) with batch 20 and Adam
 (lr $10^{-3} \cdot 10^{-i/7}$ in stage $i$, $\epsilon = 10^{-4}$). Here every model trains for the
 same few epochs with batch 100 and Adam at $10^{-3}$ ($\epsilon = 10^{-4}$), so that the whole
-table fits in under an hour on 2 CPU cores; the levels are therefore far below the paper's
+table fits in about a quarter of an hour on 2 CPU cores; the levels are therefore far below the paper's
 (about 86 nats), and only the ordering that separates early is claimed: IWAE rising with K, and
 IWAE above the VAE at K = 50. The VAE rows are 0.4 nats apart in the paper and may not separate.
 
@@ -30,7 +30,7 @@ when it exists, else elbojax's data folder; `--download` fetches them).
 
 Usage::
 
-    python benchmarks/iwae_mnist.py                 # about 50 minutes on 2 CPU cores
+    python benchmarks/iwae_mnist.py                 # about 12 minutes on 2 CPU cores (8 epochs: 8 minutes of training)
     python benchmarks/iwae_mnist.py --epochs 3      # shorter
     python benchmarks/iwae_mnist.py --quick         # tiny, embedded data, to check that it runs
 """

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser(
-        "train", help="train a VAE (defaults: IWAE K=5 on the embedded MNIST subset, about two minutes on 2 CPU cores)",
+        "train", help="train a VAE (defaults: IWAE K=5 on the embedded MNIST subset, well within two minutes on 2 CPU cores)",
         description="Every flag can also come from a JSON --config file (keys are the flag names with "
         "underscores, as in a run's config.json); flags given on the command line win.",
     )

@@ -466,6 +466,10 @@ def dynamic_binarize(
     rng = _rng(_DYNAMIC_STREAM, seed=seed, epoch=epoch, step=step)
     if rows is None:
         return _bernoulli(images, rng, dtype)
+    if not isinstance(rows, slice):
+        raise TypeError(f"`rows` must be a slice of the batch (e.g. slice(0, 50)), got {type(rows).__name__}.")
+    if batch_size is None:
+        raise TypeError("`batch_size` (the whole batch's size) is required with `rows`.")
     batch_size = _check_positive(batch_size, "batch_size")
     expected = len(range(batch_size)[rows])
     if images.shape[:1] != (expected,):

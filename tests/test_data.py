@@ -342,6 +342,13 @@ def test_dynamic_binarization_is_fixed_by_seed_epoch_and_step(grey):
     np.testing.assert_array_equal(draw, data.dynamic_binarize(batch, seed=3, epoch=1, step=7))
     for other in [dict(seed=4, epoch=1, step=7), dict(seed=3, epoch=2, step=7), dict(seed=3, epoch=1, step=8)]:
         assert (data.dynamic_binarize(batch, **other) != draw).mean() > 0.01, other
+    # A slice of the batch draws what the whole batch draws for those rows.
+    part = data.dynamic_binarize(batch[16:40], seed=3, epoch=1, step=7, rows=slice(16, 40), batch_size=64)
+    np.testing.assert_array_equal(part, draw[16:40])
+    with pytest.raises(TypeError, match=r"`batch_size` \(the whole batch's size\) is required with `rows`"):  # was ">= 0, got None"
+        data.dynamic_binarize(batch[:2], seed=3, epoch=1, step=7, rows=slice(0, 2))
+    with pytest.raises(TypeError, match=r"`rows` must be a slice of the batch"):  # was "range indices must be integers"
+        data.dynamic_binarize(batch[:2], seed=3, epoch=1, step=7, rows=[0, 1], batch_size=64)
 
 
 @pytest.mark.parametrize(
