@@ -86,7 +86,7 @@ _NUMPY_TYPES = (np.ndarray, np.generic)
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_mask(mask, shape: tuple[int, ...], name: str = "mask") -> jax.Array:
+def _check_mask(mask, shape: tuple[int, ...], name: str = "mask", hint: str = "ONE data point; batch with jax.vmap") -> jax.Array:
     """Require a bool mask of `shape`; return it as an array. Trace-time only (shape and dtype)."""
     dtype = getattr(mask, "dtype", None)
     if dtype is None:
@@ -99,7 +99,7 @@ def _check_mask(mask, shape: tuple[int, ...], name: str = "mask") -> jax.Array:
     got = tuple(jnp.shape(mask))
     if got != tuple(shape):
         raise ValueError(
-            f"`{name}` must have the shape of `x`, {tuple(shape)} (ONE data point; batch with jax.vmap), got {got}."
+            f"`{name}` must have the shape of `x`, {tuple(shape)} ({hint}), got {got}."
         )
     return jnp.asarray(mask)
 
@@ -124,14 +124,19 @@ def mark_missing(x, mask):
 
     Args:
       x: the data, any shape.
-      mask: bool, the shape of `x`; `True` = observed.
+      mask: bool, the shape of `x`, or of one point of a batch `x` (the same entries missing in
+        every row); `True` = observed.
     """
+    mask_shape = tuple(np.shape(mask))
+    if mask_shape and len(mask_shape) < len(np.shape(x)) and tuple(np.shape(x))[-len(mask_shape):] == mask_shape:
+        broadcast = np.broadcast_to if isinstance(mask, _NUMPY_TYPES) else jnp.broadcast_to
+        mask = broadcast(mask, np.shape(x))  # one point's mask, for every row of the batch
     if isinstance(x, _NUMPY_TYPES) and isinstance(mask, _NUMPY_TYPES):
-        _check_mask(mask, np.shape(x))
+        _check_mask(mask, np.shape(x), hint="or of one row of a batch `x`")
         x = np.asarray(x)
         x = x if data.is_float(x.dtype) else x.astype(np.float32)
         return np.where(mask, x, np.nan).astype(x.dtype)
-    mask = _check_mask(mask, jnp.shape(x))
+    mask = _check_mask(mask, jnp.shape(x), hint="or of one row of a batch `x`")
     x = _float(x)
     return jnp.where(mask, x, jnp.nan)
 

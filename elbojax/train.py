@@ -656,7 +656,8 @@ def fit(
       mesh: a `jax.sharding.Mesh` with a `"data"` axis (`elbojax.distributed.data_mesh`): the
         state is replicated on its devices and each batch split over them; `config.batch_size`
         must be a multiple of the device count. Default: the first device.
-      observed: optional `bool (N, D)`, True where an entry was observed: the others reach the
+      observed: optional `bool (N, D)`, or `(D,)` for the same entries in every example, True
+        where an entry was observed: the others reach the
         objective as NaN (after binarization), which only an objective that accepts missing
         entries may take (`elbojax.missing.objective`). Float `images` may also carry NaN at
         their missing entries themselves, with such an objective.
@@ -682,10 +683,12 @@ def fit(
     accepts_missing = getattr(objective_fn, "accepts_missing", False)
     if observed is not None:
         observed = np.asarray(observed)
+        if observed.shape == (int(np.prod(images.shape[1:])),):  # one mask for every example
+            observed = np.broadcast_to(observed, (images.shape[0],) + observed.shape)
         if not accepts_missing:
             raise ValueError("`observed` marks missing entries, which this objective cannot take; use elbojax.missing.objective(...).")
         if observed.dtype != np.bool_ or observed.shape != (images.shape[0], int(np.prod(images.shape[1:]))):
-            raise ValueError(f"`observed` must be bool of shape {(images.shape[0], int(np.prod(images.shape[1:])))}, got {observed.dtype} {observed.shape}.")
+            raise ValueError(f"`observed` must be bool of shape {(images.shape[0], int(np.prod(images.shape[1:])))} (or one example's), got {observed.dtype} {observed.shape}.")
     if config.binarize == "none":
         present = images[~np.isnan(images)] if accepts_missing and data.is_float(images.dtype) else images
         data.check_for_likelihood(present, _likelihood_of(graphdef, state.params), "images")

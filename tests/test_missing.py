@@ -382,6 +382,12 @@ def test_masks_of_the_wrong_type_or_shape_fail_at_trace_time():
         missing.impute(key, x, jnp.ones(11, bool), vae, num_samples=3)
     with pytest.raises(TypeError, match=r"`mask` must be a bool array"):
         missing.mark_missing(np.zeros(3), np.ones(3))
+    # One point's mask marks every row of a batch (the `missing.objective` docstring's use; was refused).
+    batch, row_mask = np.arange(8.0).reshape(2, 4), np.array([True, False, True, True])
+    for to in (np.asarray, jnp.asarray):
+        np.testing.assert_array_equal(missing.mark_missing(to(batch), to(row_mask)), np.where(row_mask, batch, np.nan))
+    with pytest.raises(ValueError, match=r"shape of `x`, \(2, 4\) \(or of one row of a batch `x`\), got \(3,\)"):
+        missing.mark_missing(batch, np.ones(3, bool))
     with pytest.raises(TypeError, match=r"`mask` must be a bool array"):
         missing.masked_bernoulli_log_likelihood(x, x, [1, 0] * 6)
 
@@ -435,3 +441,13 @@ def test_fit_trains_on_images_with_missing_entries(tmp_path):
         train.fit(graphdef, state, optimizer, train.objective("elbo"), images, run_dir=tmp_path / "s", config=config, progress=False, observed=observed)
     with pytest.raises(ValueError, match=r"`observed` must be bool of shape \(200, 784\)"):
         train.fit(graphdef, state, optimizer, missing.objective("elbo"), images, run_dir=tmp_path / "t", config=config, progress=False, observed=observed[:5])
+    # One example's mask (the README's `observed=mask`) is every example's (it was refused).
+    _, fresh = train.init(vae, optimizer)
+    one = missing.hidden_region_mask("top")
+    runs = [
+        train.fit(graphdef, fresh, optimizer, missing.objective("elbo"), images, run_dir=tmp_path / name, config=config._replace(num_steps=10),
+                  progress=False, observed=mask)
+        for name, mask in (("one", one), ("every", np.broadcast_to(one, images.shape)))
+    ]
+    for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
+        np.testing.assert_array_equal(a, b)
