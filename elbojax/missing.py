@@ -76,6 +76,7 @@ from elbojax.estimators import elbo, iwae_bound
 from elbojax.models._layers import LOG_2PI, check_shape
 from elbojax.models.encoders import GaussianMLPEncoder
 from elbojax.models.likelihoods import check_gaussian_arguments, signed_logits, softplus
+from elbojax.models.conditional import _LabelConditioned
 from elbojax.models.hierarchical import TwoLayerVAE
 
 _NUMPY_TYPES = (np.ndarray, np.generic)
@@ -344,6 +345,16 @@ def factorized(model) -> Factorized:
         return _linear_gaussian(model)
     if isinstance(model, exact.GaussianToy):
         return _gaussian_toy(model)
+    if isinstance(model, _LabelConditioned):  # it has the pieces, but each needs the label
+        if callable(getattr(model, "given", None)):
+            raise TypeError(
+                f"Masked bounds need one label for a {type(model).__name__}: pass `model.given(y)` "
+                "(a model of p(x | y) with `log_joint` and `proposal`), not the model itself."
+            )
+        raise TypeError(
+            f"Masked bounds do not cover a {type(model).__name__}: its label is a latent variable of "
+            "its own. Build an elbojax.missing.Factorized for it."
+        )
     if isinstance(model, TwoLayerVAE):
         logits = lambda z: model.p_x(model._unpack(z)[0])
         masked_ll, sample, mean = _bernoulli_parts(logits, model.data_dim)

@@ -324,6 +324,11 @@ def test_a_missing_aware_encoder_reads_the_mask_inside_a_flow_encoder_and_a_cond
     assert not np.allclose(base.mean(), flow.encoder.base(jnp.where(mask, x, 0.0)).mean())
     np.testing.assert_array_equal(missing.masked_proposal(view, x, mask).mean(), view.proposal(marked).mean())
     assert np.isfinite(missing.masked_elbo(jax.random.key(0), x, mask, flow, num_samples=3))
+    # The conditional model itself needs its label (the errors were about z's shape, or a missing `y`).
+    for use in (lambda: missing.masked_log_joint(conditional, mask),
+                lambda: missing.masked_elbo(jax.random.key(0), x, mask, conditional, num_samples=2)):
+        with pytest.raises(TypeError, match=r"need one label for a ConditionalVAE: pass `model.given\(y\)`"):
+            use()
 
 
 def test_missing_aware_encoder_reads_the_mask_from_nan():
