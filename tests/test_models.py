@@ -359,6 +359,17 @@ def test_hierarchical_proposal_is_the_sum_of_its_layers(x64):
         assert sum(float(jnp.sum(jnp.abs(leaf))) for leaf in jax.tree.leaves(grads[part])) > 0, part
 
 
+def test_hierarchical_proposal_log_prob_checks_each_layer():
+    """A wrong-size z1 was reported as a wrong `x`, a wrong-size z2 as a broadcasting TypeError."""
+    model = TwoLayerVAE(6, (3, 2), hidden_q=((4,), (4,)), hidden_p=((4,), (4,)), rngs=nnx.Rngs(0))
+    q = model.proposal(jnp.ones(6))
+    with pytest.raises(ValueError, match=r"`value\['z1'\]` must have shape sample_shape \+ \(3,\) .*got \(4,\)"):
+        q.log_prob({"z1": jnp.zeros(4), "z2": jnp.zeros(2)})
+    with pytest.raises(ValueError, match=r"`value\['z2'\]` must have shape sample_shape \+ \(2,\) .*got \(2, 5\)"):
+        q.log_prob({"z1": jnp.zeros((2, 3)), "z2": jnp.zeros((2, 5))})
+    assert q.log_prob({"z1": jnp.zeros((2, 3)), "z2": jnp.zeros((2, 2))}).shape == (2,)
+
+
 def test_two_layer_log_joint_matches_numpy(x64):
     model, _, _, np_p1, np_px = _fixed_two_layer(np.random.default_rng(9))
     z1, z2 = np.array([0.4, -0.3]), np.array([1.1, 0.2])

@@ -68,6 +68,10 @@ class HierarchicalProposal:
         if not isinstance(value, dict) or set(value) != {"z1", "z2"}:
             raise ValueError(f"`value` must be a dict with keys 'z1' and 'z2', got {_describe(value)}.")
         z1, z2 = value["z1"], value["z2"]
+        for name, part, got in (("z1", self.first, jnp.shape(z1)), ("z2", self.pathwise_parts()[1], jnp.shape(z2))):
+            event = tuple(part.event_shape)
+            if len(got) < len(event) or got[len(got) - len(event):] != event:
+                raise ValueError(f"`value[{name!r}]` must have shape sample_shape + {event} (its layer's event shape), got {got}.")
         batch_shape = jnp.shape(z1)[:-1]
         if jnp.shape(z2)[:-1] != batch_shape:
             raise ValueError(f"'z1' and 'z2' must share their batch shape, got {jnp.shape(z1)} and {jnp.shape(z2)}.")
