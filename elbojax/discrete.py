@@ -67,6 +67,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elbojax import _checks
 from elbojax.estimators import elbo
@@ -88,6 +89,15 @@ def _float_array(value: Any, name: str) -> jax.Array:
     if not jnp.issubdtype(array.dtype, jnp.floating):
         raise TypeError(f"`{name}` must be a floating-point array, got dtype {array.dtype}.")
     return array
+
+
+def _finite_logits(logits: Any) -> jax.Array:
+    """A relaxed distribution's logits: floating point, and finite when they are concrete."""
+    concrete = not isinstance(logits, jax.core.Tracer)
+    logits = _float_array(logits, "logits")
+    if concrete and not isinstance(logits, jax.core.Tracer) and not np.isfinite(np.asarray(logits)).all():
+        raise ValueError("`logits` of a relaxed distribution must be finite (an infinite logit makes its density NaN).")
+    return logits
 
 
 def _check_vector_logits(logits: Any, name: str) -> jax.Array:
@@ -397,7 +407,8 @@ class RelaxedOneHotCategorical(_Relaxed):
     `sample_and_log_prob` computes the sample in log space, $\log z = $
     `log_softmax((logits + g) / τ)`, and the log-density from $\log z$, so it stays finite when a
     coordinate of $z$ underflows to 0 at low temperature; `log_prob(z)` has only $z$ and takes
-    its logarithm. The logits must be finite (values are not checked under `jax.jit`).
+    its logarithm. The logits must be finite (checked when they are concrete, not under
+    `jax.jit`: a $-\infty$ logit makes the density NaN).
 
     Args:
       logits: `(..., C)` with $C \ge 2$, the unnormalised log-probabilities $l$ of each
@@ -411,7 +422,7 @@ class RelaxedOneHotCategorical(_Relaxed):
     """
 
     def __init__(self, logits, temperature):
-        logits = _float_array(logits, "logits")
+        logits = _finite_logits(logits)
         if logits.ndim < 1 or logits.shape[-1] < 2:
             raise ValueError(
                 "`logits` must have shape (..., C) with C >= 2 classes (the last axis is the "
@@ -473,7 +484,8 @@ class RelaxedBernoulli(_Relaxed):
     on the logit and apply `jax.nn.sigmoid` in the model (see the module docs).
 
     Args:
-      logits: any shape, $a = \log \frac{q(1)}{q(0)}$ of each bit; integers are promoted to float.
+      logits: any shape, $a = \log \frac{q(1)}{q(0)}$ of each bit, finite (checked when
+        concrete); integers are promoted to float.
       temperature: $\tau > 0$, a scalar; may be traced and differentiated.
 
     References:
@@ -481,7 +493,7 @@ class RelaxedBernoulli(_Relaxed):
     """
 
     def __init__(self, logits, temperature):
-        self.logits = _float_array(logits, "logits")
+        self.logits = _finite_logits(logits)
         self.temperature = _check_temperature(temperature, self.logits.dtype)
 
     @property
@@ -536,7 +548,8 @@ def straight_through(sample) -> jax.Array:
 
     Applied to a `RelaxedOneHotCategorical` sample, the forward value is exactly one-hot and is
     an exact categorical sample ($\mathrm{argmax}_k z_k = \mathrm{argmax}_k (l_k + g_k)$, the
-    Gumbel-max trick), whatever the temperature. The gradient is the relaxed sample's, so the
+    Gumbel-max trick), whatever the temperature in exact arithmetic (in float32, up to $\tau$ of
+    about $10^3$: beyond, the relaxed coordinates round to ties). The gradient is the relaxed sample's, so the
     gradient estimator is **biased**: it is not the gradient of any expectation under the
     discrete distribution (Bengio et al. 2013; Jang et al. 2017, Sec. 2.2). Use it where the
     model needs a hard one-hot input; there is no density for the hard value, so it does not
@@ -561,8 +574,9 @@ def straight_through_bernoulli(sample) -> jax.Array:
     r"""Straight-through binary Concrete: the bit $[z > 1/2]$ forward, the relaxed gradient backward.
 
     Applied to a `RelaxedBernoulli` sample, the forward value is exactly 0 or 1 and is an exact
-    $\mathrm{Bernoulli}(\sigma(a))$ sample ($z > 1/2 \iff a + L > 0$). The gradient is the
-    relaxed sample's, so the estimator is **biased** (see `straight_through`).
+    $\mathrm{Bernoulli}(\sigma(a))$ sample ($z > 1/2 \iff a + L > 0$; in float32 up to $\tau$ of
+    about $10^3$, beyond which $\sigma$ rounds to exactly 1/2 too often: 0.66% of draws at
+    $10^5$). The gradient is the relaxed sample's, so the estimator is **biased** (see `straight_through`).
 
     Args:
       sample: relaxed samples in $(0, 1)$, any shape (floating point).

@@ -8,7 +8,7 @@ encoder) and the proposal can be any distribution.
 | `gradient=` | objectives | proposal parameters $\phi$ get | model parameters $\theta$ get |
 |---|---|---|---|
 | `"reparam"` | all | the pathwise gradient | $\nabla_\theta$ of the objective |
-| `"stl"` | `elbo`, `iwae_bound` | the pathwise gradient without the score term of $\log q$ (Roeder et al. 2017); for IWAE this is IWAE-STL, which is **biased** (Tucker et al. 2019) | unchanged |
+| `"stl"` | `elbo`, `iwae_bound`, `renyi_bound`, `combination_iwae_bound` | the pathwise gradient without the score term of $\log q$ (Roeder et al. 2017); for IWAE this is IWAE-STL, which is **biased** (Tucker et al. 2019) | unchanged |
 | `"dreg"` | `iwae_bound` | $\sum_k \tilde w_k^2\, \frac{\partial \ell_k}{\partial z_k}\frac{\partial z_k}{\partial\phi}$ (Tucker et al. 2019) | $\sum_k \tilde w_k \nabla_\theta \log p(x, z_k)$ |
 | `"score"` | `elbo`, `iwae_bound` | REINFORCE, with a baseline (below) | unchanged |
 | `"vimco"` | `iwae_bound` | REINFORCE with VIMCO's multi-sample leave-one-out baseline (Mnih & Rezende 2016) | unchanged |
@@ -27,7 +27,7 @@ Here $\ell_k = \log p(x, z_k) - \log q(z_k)$ and $\tilde w_k = e^{\ell_k} / \sum
   \log q_{\text{path}}(\tilde z_k)]$ with $\tilde z_k$ = `scale_cotangent(z_k, w_k)` gives the
   model $\sum_k \tilde w_k \nabla_\theta \log p$ and the proposal $\sum_k \tilde w_k^2 \cdot$
   (path), in one backward pass.
-* `forbid_pathwise(log_q, what)`: the identity, but differentiating through it raises. Used on
+* `forbid_pathwise(log_q, message)`: the identity, but differentiating through it raises. Used on
   $\log q$ of a discrete proposal: differentiating a reparameterised objective with respect to
   the proposal's parameters would silently drop the score term, so it is an error instead; the
   model's parameters (whose gradient is right) can still be differentiated.

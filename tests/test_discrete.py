@@ -572,6 +572,10 @@ def test_relaxation_argument_errors():
     for relaxed in (discrete.RelaxedOneHotCategorical, discrete.RelaxedBernoulli):  # log q was NaN
         with pytest.raises(ValueError, match=r"`temperature` must be finite and > 0, got inf"):
             relaxed(jnp.zeros(3), float("inf"))
+        with pytest.raises(ValueError, match=r"`logits` of a relaxed distribution must be finite"):
+            relaxed(jnp.array([0.0, -jnp.inf, 1.0]), 1.0)
+        under_jit = jax.jit(lambda l, relaxed=relaxed: relaxed(l, 0.5).sample_and_log_prob(seed=jax.random.key(0))[1])
+        assert np.isfinite(under_jit(jnp.zeros(3)))  # traced logits pass (not checkable there)
     with pytest.raises(ValueError, match=r"`temperature` must be a scalar, got shape \(3,\)"):
         discrete.RelaxedBernoulli(jnp.zeros(3), jnp.ones(3))
     with pytest.raises(ValueError, match=r"`logits` must have shape \(..., C\) with C >= 2 classes .* got \(1,\)"):
