@@ -91,6 +91,14 @@ def _float_array(value: Any, name: str) -> jax.Array:
     return array
 
 
+def _log_normalized(logits: jax.Array) -> jax.Array:
+    """`log_softmax(logits)`, with logits of +inf taken as the limit: equal mass on those classes
+    (`log_softmax` gives NaN there, from inf - inf)."""
+    top = jnp.isposinf(logits)
+    limit = jnp.where(top, jnp.zeros_like(logits), jnp.full_like(logits, -jnp.inf))
+    return jax.nn.log_softmax(jnp.where(jnp.any(top), limit, logits))
+
+
 def _finite_logits(logits: Any) -> jax.Array:
     """A relaxed distribution's logits: floating point, and finite when they are concrete."""
     concrete = not isinstance(logits, jax.core.Tracer)
@@ -189,7 +197,8 @@ def enumerated_elbo(x, log_joint: Callable, proposal_logits) -> jax.Array:
     No key: the value is exact, and `jax.grad` gives the exact gradient with respect to both the
     proposal's logits and the model's parameters (closed over by `log_joint`). Classes with
     $q(c) = 0$ (a logit of $-\infty$) contribute exactly 0, and no NaN, to the value and the
-    gradient. With $q = p(c \mid x)$ the ELBO equals $\log p(x)$.
+    gradient; logits of $+\infty$ are the limit, $q$ uniform over those classes. With
+    $q = p(c \mid x)$ the ELBO equals $\log p(x)$.
 
     Args:
       x: one data point.
@@ -201,7 +210,7 @@ def enumerated_elbo(x, log_joint: Callable, proposal_logits) -> jax.Array:
     """
     proposal_logits = _check_vector_logits(proposal_logits, "proposal_logits")
     log_p = _log_joint_at_every_class(x, log_joint, proposal_logits.shape[0])
-    return _expected_log_ratio(jax.nn.log_softmax(proposal_logits), log_p)
+    return _expected_log_ratio(_log_normalized(proposal_logits), log_p)
 
 
 def _bit_configurations(num_bits: int) -> jax.Array:
@@ -323,7 +332,7 @@ def enumerated_mixed_elbo(
         )
 
     inner = jax.vmap(inner_elbo)(jnp.arange(categorical_logits.shape[0]))
-    return _expected_log_ratio(jax.nn.log_softmax(categorical_logits), inner)
+    return _expected_log_ratio(_log_normalized(categorical_logits), inner)
 
 
 # ----------------------------------------------------------------------------------------------

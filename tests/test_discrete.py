@@ -84,6 +84,18 @@ def test_enumerated_elbo_equals_the_hand_sum_and_log_p_at_the_exact_posterior(mi
         np.testing.assert_allclose(result, reference, rtol=0, atol=1e-12)
 
 
+def test_enumerated_elbo_takes_plus_infinite_logits_as_their_limit(mixture):
+    """+inf logits (all of q on those classes, equally) gave NaN, value and gradient."""
+    model, x, _ = mixture
+    log_p = _np_mixture_log_joint(x)
+    one = jnp.array([jnp.inf, 0.0, -1.0, 2.0])
+    two = jnp.array([jnp.inf, 0.0, jnp.inf, 2.0])
+    for logits, expected in ((one, log_p[0]), (two, 0.5 * (log_p[0] + log_p[2]) + np.log(2.0))):
+        value, grad = jax.value_and_grad(lambda l: discrete.enumerated_elbo(x, model.log_joint, l))(logits)
+        np.testing.assert_allclose(value, expected, rtol=1e-12)
+        assert np.all(np.isfinite(grad))
+
+
 def test_enumerated_elbo_is_the_zero_variance_mean_of_the_sampled_elbo(mixture):
     model, x, logits = mixture
 
