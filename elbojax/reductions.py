@@ -210,7 +210,7 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
     exps = exp_shifted(log_weights, axis)  # w / max(w): the largest is 1, so neither sum overflows
     total, total_sq = jnp.sum(exps, axis=axis), jnp.sum(exps * exps, axis=axis)
     # Both sums are 0 when every weight is: the ESS is 0 then, with a zero gradient (no 0 / 0).
-    return total * total / jnp.where(total_sq > 0, total_sq, jnp.ones_like(total_sq))
+    return total * total / jnp.where(total_sq == 0, jnp.ones_like(total_sq), total_sq)
 
 
 def exp_shifted(log_weights, axis: int) -> jax.Array:

@@ -83,7 +83,7 @@ def normalized_weights(log_weights) -> jax.Array:
     log_weights = _check_log_weights(log_weights)
     exps = exp_shifted(log_weights, axis=0)  # exactly invariant to a shift of the log-weights
     total = jnp.sum(exps)
-    return exps / jnp.where(total > 0, total, jnp.ones_like(total))  # all 0, zero gradient, if every weight is 0
+    return exps / jnp.where(total == 0, jnp.ones_like(total), total)  # all 0, zero gradient, if every weight is 0
 
 
 class SNISEstimate(NamedTuple):
@@ -150,8 +150,10 @@ def posterior_expectation(f_values, log_weights) -> SNISEstimate:
     variance = jnp.sum(squared, axis=0)
     # sqrt's derivative at 0 is infinite (times a zero cotangent: NaN); the SE of 0 (one sample,
     # one weight, or equal values) gets a zero gradient, its one-sided limit along those directions.
-    positive = variance > 0
-    standard_error = jnp.where(positive, jnp.sqrt(jnp.where(positive, variance, jnp.ones_like(variance))), jnp.zeros_like(variance))
+    # A NaN variance stays NaN (`variance > 0` would have made it 0).
+    zero = variance == 0
+    safe_variance = jnp.where(zero, jnp.ones_like(variance), variance)
+    standard_error = jnp.where(zero, jnp.zeros_like(variance), jnp.sqrt(safe_variance))
     return SNISEstimate(mean, standard_error, effective_sample_size(log_weights))
 
 
