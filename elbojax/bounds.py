@@ -32,7 +32,7 @@ from elbojax import _checks
 from elbojax._keys import fold_in_many
 from elbojax import gradients as grads
 from elbojax.estimators import (
-    _draw,
+    _draw_points,
     _fold_chunks,
     _log_joint,
     _pathwise_log_weights,
@@ -208,9 +208,9 @@ def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samp
     problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, None, "dreg")
 
     def draw_group(group_key):
-        return _draw(problem._replace(key=group_key), 0, problem.num_samples)
+        return _draw_points(problem._replace(key=group_key), 0, problem.num_samples)
 
-    z, log_q = jax.vmap(draw_group)(group_keys)  # leading axes (M, K)
+    points, z, log_q = jax.vmap(draw_group)(group_keys)  # leading axes (M, K)
     log_joint_mk = jax.vmap(lambda z_m: _log_joint(problem, z_m))
     log_weights = jax.lax.stop_gradient(log_joint_mk(z) - log_q)  # (M, K)
     lse_all = jax.nn.logsumexp(log_weights)
@@ -224,11 +224,11 @@ def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samp
     # model's direct gradient, weighted (w - w^(m)/M); at the live sample its path gradient and the
     # model's, weighted w^(m)/M, sum to the right weights without ever dividing one weight by the
     # other (their ratio exp(lse - lse_m)/M overflows for a group ~88 nats below the best in float32).
-    z_fixed = jax.tree.map(jax.lax.stop_gradient, z)
-    direct_terms = (model_weights - proposal_weights) * log_joint_mk(z_fixed)
-    log_q_path = jax.vmap(jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k)))(z)
+    points_fixed = jax.tree.map(jax.lax.stop_gradient, points)
+    direct_terms = (model_weights - proposal_weights) * log_joint_mk(grads.value_at(problem.proposal, points_fixed))
+    log_q_path = jax.vmap(jax.vmap(lambda point: grads.path_only_log_prob(problem.proposal, point)))(points)
     path_terms = proposal_weights * (log_joint_mk(z) - log_q_path)
-    log_q_fixed = jax.vmap(jax.vmap(problem.proposal.log_prob))(z_fixed)
+    log_q_fixed = jax.vmap(jax.vmap(lambda point: grads.log_prob_at(problem.proposal, point)))(points_fixed)
     score = log_q_fixed - jax.lax.stop_gradient(log_q_fixed)
     # A zero weight (log-weight -inf) contributes nothing: 0 * -inf would make the value NaN.
     positive = ~jnp.isneginf(log_weights)

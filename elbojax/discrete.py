@@ -37,8 +37,11 @@ density for the hard value: use it where the model needs a hard value, not for a
 **Relaxed objectives at low temperature.** At small $\tau$ a coordinate of a relaxed sample can
 underflow to exactly 0 (or a binary one round to exactly 0 or 1), especially in float32. The
 proposal's own log-density stays finite, because `sample_and_log_prob` computes it from the
-sample's logarithm (or logit), never from the rounded value; but a prior's `log_prob(z)` has only
-`z`. Then work in log space: a proposal and prior on the logarithm of the sample,
+sample's logarithm (or logit), never from the rounded value. So do the estimators that evaluate
+$\log q$ again at their samples (`"stl"`, `"dreg"`, `"score"`, `"vimco"`, `partial_iwae_bound`):
+these distributions expose the point they sample through (`sample_log_space`,
+`log_prob_from_log_space`; see `elbojax.gradients.in_log_space`), and the estimators read $\log q$
+from it. But a prior's `log_prob(z)` has only `z`. Then work in log space: a proposal and prior on the logarithm of the sample,
 TFP's `ExpRelaxedOneHotCategorical(τ, logits=...)` (through `elbojax.as_proposal`) or, for a
 binary Concrete, `distrax.Logistic(logits / τ, 1 / τ)` on its logit, with the decoder applying
 `exp` (or `jax.nn.sigmoid`). The change of variables is the same for $q$ and $p$, so every log
@@ -154,8 +157,8 @@ def _expected_log_ratio(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
     $\log p_i$ still propagates, so that a bug in `log_joint` is never hidden by $q_i = 0$.
     """
     q = jnp.exp(log_q)
-    counted = (q > 0) | jnp.isnan(log_p)
-    safe_log_q = jnp.where(q > 0, log_q, 0.0)
+    counted = (q != 0) | jnp.isnan(log_p)  # a NaN q counts too: NaN logits make the result NaN
+    safe_log_q = jnp.where(q != 0, log_q, 0.0)
     log_ratio = jnp.where(counted, log_p - safe_log_q, 0.0)
     return jnp.sum(q * log_ratio)
 
@@ -464,6 +467,18 @@ class RelaxedOneHotCategorical(_Relaxed):
     def sample(self, *, seed, sample_shape=()):
         return jnp.exp(self._log_sample(seed, _as_shape(sample_shape)))
 
+    # The log-space protocol (`elbojax.gradients.in_log_space`): the point is log z.
+    def sample_log_space(self, *, seed, sample_shape=()):
+        r"""$\log z$ of the sample `sample` draws with `seed`."""
+        return self._log_sample(seed, _as_shape(sample_shape))
+
+    def value_from_log_space(self, log_value):
+        return jnp.exp(log_value)
+
+    def log_prob_from_log_space(self, log_value):
+        r"""The Concrete log-density at $z = e^{\log z}$, read from $\log z$ (finite where $z$ underflows)."""
+        return self._log_density(log_value)
+
     def log_prob(self, value):
         """The Concrete log-density at `value` of shape `(*sample_shape, *logits.shape)`."""
         _check_value_shape(value, self.event_shape, type(self).__name__)
@@ -524,6 +539,18 @@ class RelaxedBernoulli(_Relaxed):
 
     def sample(self, *, seed, sample_shape=()):
         return jax.nn.sigmoid(self._logit_sample(seed, _as_shape(sample_shape)))
+
+    # The log-space protocol (`elbojax.gradients.in_log_space`): the point is the logit of z.
+    def sample_log_space(self, *, seed, sample_shape=()):
+        r"""The logit $y$ of the sample `sample` draws with `seed` ($z = \sigma(y)$)."""
+        return self._logit_sample(seed, _as_shape(sample_shape))
+
+    def value_from_log_space(self, logit_value):
+        return jax.nn.sigmoid(logit_value)
+
+    def log_prob_from_log_space(self, logit_value):
+        r"""The binary Concrete log-density at $z = \sigma(y)$, read from $y$ (finite where $z$ rounds to 0 or 1)."""
+        return self._log_density(logit_value)
 
     def log_prob(self, value):
         """The binary Concrete log-density at `value` in $(0, 1)$, shape `(*sample_shape, *logits.shape)`."""

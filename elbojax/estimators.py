@@ -111,6 +111,18 @@ def _draw(problem: _Problem, start, count: int):
     return jax.vmap(draw_one)(keys)
 
 
+def _draw_points(problem: _Problem, start, count: int):
+    """`(points, z, log q)` of samples `start .. start + count - 1`: `points` is `z`, or for a
+    proposal that samples in log space (`gradients.in_log_space`) its log-space points, from which
+    the estimators that re-evaluate log q read it (`gradients.log_prob_at`)."""
+    if not grads.in_log_space(problem.proposal):
+        z, log_q = _draw(problem, start, count)
+        return z, z, log_q
+    keys = fold_in_many(problem.key, start + jnp.arange(count, dtype=jnp.uint32))
+    points = jax.vmap(lambda k: problem.proposal.sample_log_space(seed=k, sample_shape=()))(keys)
+    return points, grads.value_at(problem.proposal, points), problem.proposal.log_prob_from_log_space(points)
+
+
 def _log_joint(problem: _Problem, z):
     """`log_joint(x, z_k)` for a batch of samples, shape `(count,)`."""
     return jax.vmap(problem.log_joint, in_axes=(None, 0))(problem.x, z)
@@ -182,10 +194,12 @@ def _pathwise_log_weights(problem: _Problem, gradient: str):
     """Log-weights whose autodiff is the reparameterisation (or, for "stl", the STL) gradient."""
 
     def chunk_fn(start, count):
-        z, log_q = _draw(problem, start, count)
         if gradient == "stl":
-            log_q = jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k))(z)
-        elif problem.guard is not None:
+            points, z, _ = _draw_points(problem, start, count)
+            log_q = jax.vmap(lambda point: grads.path_only_log_prob(problem.proposal, point))(points)
+            return _log_joint(problem, z) - log_q
+        z, log_q = _draw(problem, start, count)
+        if problem.guard is not None:
             log_q = grads.forbid_pathwise(log_q, problem.guard)
         return _log_joint(problem, z) - log_q
 
@@ -196,9 +210,9 @@ def _score_log_weights(problem: _Problem):
     r"""Log-weights at fixed samples, and each sample's score term $\log q - \overline{\log q}$."""
 
     def chunk_fn(start, count):
-        z, _ = _draw(problem, start, count)
-        z = grads.stop_gradient_tree(z)
-        log_q = jax.vmap(problem.proposal.log_prob)(z)
+        points = grads.stop_gradient_tree(_draw_points(problem, start, count)[0])
+        z = grads.value_at(problem.proposal, points)
+        log_q = jax.vmap(lambda point: grads.log_prob_at(problem.proposal, point))(points)
         log_weights = _log_joint(problem, z) - log_q
         score = log_q - jax.lax.stop_gradient(log_q)  # value 0, gradient: the score
         return log_weights, score
@@ -368,17 +382,17 @@ def _iwae_dreg(problem: _Problem):
         fixed_lse = jax.lax.stop_gradient(summary_logsumexp(_pathwise_summary(problem)))
 
     def chunk_fn(start, count):
-        z, log_q = _draw(problem, start, count)
+        points, z, log_q = _draw_points(problem, start, count)
         log_weights = jax.lax.stop_gradient(_log_joint(problem, z) - log_q)
         lse = jax.nn.logsumexp(log_weights) if fixed_lse is None else fixed_lse
         # Every weight 0: weights of 0 (no gradient), not exp(-inf + inf) = NaN.
         weights = jnp.exp(log_weights - jnp.where(jnp.isneginf(lse), jnp.zeros_like(lse), lse))
-        z_scaled = jax.vmap(grads.scale_cotangent)(z, weights)
-        log_q_path = jax.vmap(lambda z_k: grads.path_only_log_prob(problem.proposal, z_k))(z_scaled)
-        terms = weights * (_log_joint(problem, z_scaled) - log_q_path)
+        scaled = jax.vmap(grads.scale_cotangent)(points, weights)  # the sample's cotangent, times its weight
+        log_q_path = jax.vmap(lambda point: grads.path_only_log_prob(problem.proposal, point))(scaled)
+        terms = weights * (_log_joint(problem, grads.value_at(problem.proposal, scaled)) - log_q_path)
         # A zero weight (log-weight -inf) contributes nothing: 0 * -inf would make the value NaN.
         # The masked entries get a zero cotangent, and 0 * weight is 0: the gradient is unchanged.
-        surrogate = jnp.sum(widened(jnp.where(weights > 0, terms, jnp.zeros_like(terms))))
+        surrogate = jnp.sum(widened(jnp.where(weights != 0, terms, jnp.zeros_like(terms))))
         return summarize(log_weights), surrogate
 
     summary, surrogate = _fold_chunks(chunk_fn, _with_sums, problem)

@@ -94,9 +94,33 @@ def stop_gradient_tree(tree):
 
 
 def path_only_log_prob(proposal, z):
-    r"""$\log q(z)$ with its path gradient only: $\log q(z) - \log q(\bar z) + \overline{\log q(\bar z)}$."""
-    at_stopped = proposal.log_prob(stop_gradient_tree(z))
-    return proposal.log_prob(z) - at_stopped + jax.lax.stop_gradient(at_stopped)
+    r"""$\log q(z)$ with its path gradient only: $\log q(z) - \log q(\bar z) + \overline{\log q(\bar z)}$.
+
+    `z` is a sample, or for a proposal that samples in log space (`in_log_space`) the log-space
+    point of one.
+    """
+    at_stopped = log_prob_at(proposal, stop_gradient_tree(z))
+    return log_prob_at(proposal, z) - at_stopped + jax.lax.stop_gradient(at_stopped)
+
+
+def in_log_space(proposal) -> bool:
+    r"""Whether `proposal` samples through a log-space point $u$ with $z = g(u)$ and a density read
+    from $u$ (`sample_log_space`, `value_from_log_space`, `log_prob_from_log_space`): the relaxed
+    distributions of `elbojax.discrete`, whose $z$ rounds to 0 or 1 at low temperature where its
+    log-density is no longer computable from $z$. The estimators that re-evaluate $\log q$ at
+    their samples (`"stl"`, `"dreg"`, `"score"`, `"vimco"`, PIWAE) then do so at $u$.
+    """
+    return callable(getattr(proposal, "log_prob_from_log_space", None))
+
+
+def value_at(proposal, point):
+    """The sample at `point`: `point` itself, or $g(u)$ for a proposal `in_log_space`."""
+    return proposal.value_from_log_space(point) if in_log_space(proposal) else point
+
+
+def log_prob_at(proposal, point):
+    r"""$\log q$ of the sample at `point` (see `value_at`), read from `point`."""
+    return proposal.log_prob_from_log_space(point) if in_log_space(proposal) else proposal.log_prob(point)
 
 
 @jax.custom_vjp

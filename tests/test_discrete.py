@@ -601,3 +601,58 @@ def test_relaxation_argument_errors():
         discrete.RelaxedBernoulli(jnp.zeros(2), 1.0).log_prob(0.5)
     with pytest.raises(ValueError, match=r"`temperature` must be a scalar, got shape \(2,\)"):
         jax.jit(lambda t: discrete.RelaxedBernoulli(jnp.zeros(2), t).sample(seed=jax.random.key(0)))(jnp.ones(2))
+
+
+class _HiddenLogSpace:
+    """A relaxed distribution without the log-space protocol: the estimators see only z."""
+
+    def __init__(self, distribution):
+        self.distribution = distribution
+
+    def sample_and_log_prob(self, *, seed, sample_shape=()):
+        return self.distribution.sample_and_log_prob(seed=seed, sample_shape=sample_shape)
+
+    def log_prob(self, value):
+        return self.distribution.log_prob(value)
+
+
+def _relaxed_gradients(logits, temperature, make, wrap, num_samples):
+    """Value and logits-gradient of every estimator that re-evaluates log q at its samples."""
+    f = jnp.linspace(-1.0, 1.0, logits.shape[-1])
+    log_joint = lambda x, z: jnp.sum(x * f * z - 0.5 * (z - 0.3) ** 2)  # finite at z = 0 and 1
+    q = lambda lg: wrap(make(lg, temperature))
+    key, x = jax.random.key(3), jnp.asarray(0.8, logits.dtype)
+    estimators = {
+        "elbo stl": lambda lg: ej.elbo(key, x, log_joint, q(lg), num_samples=num_samples, gradient="stl"),
+        "elbo score": lambda lg: ej.elbo(key, x, log_joint, q(lg), num_samples=num_samples, gradient="score"),
+        "iwae stl": lambda lg: ej.iwae_bound(key, x, log_joint, q(lg), num_samples=num_samples, gradient="stl"),
+        "iwae dreg": lambda lg: ej.iwae_bound(key, x, log_joint, q(lg), num_samples=num_samples, gradient="dreg"),
+        "iwae vimco": lambda lg: ej.iwae_bound(key, x, log_joint, q(lg), num_samples=num_samples, gradient="vimco"),
+        "piwae": lambda lg: ej.partial_iwae_bound(key, x, log_joint, q(lg), num_groups=2, num_samples=num_samples),
+    }
+    return jax.jit(lambda lg: {name: jax.value_and_grad(fn)(lg) for name, fn in estimators.items()})(logits)
+
+
+def test_relaxed_proposals_give_finite_gradients_where_samples_round_to_0_or_1(x64):
+    """At a low temperature, relaxed samples round to exactly 0 or 1, where log q(z) is -inf or NaN:
+    the estimators that re-evaluate log q (STL, DReG, score, VIMCO, PIWAE) read it from the
+    log-space point instead. Where nothing rounds (float64, tau = 0.5) that is the same number."""
+    for make in (discrete.RelaxedOneHotCategorical, discrete.RelaxedBernoulli):
+        logits = jnp.array([0.4, -0.9, 0.1])
+        ours = _relaxed_gradients(logits, 0.5, make, lambda q: q, 8)
+        hidden = _relaxed_gradients(logits, 0.5, make, _HiddenLogSpace, 8)
+        for name in ours:
+            np.testing.assert_allclose(ours[name][0], hidden[name][0], rtol=1e-10, err_msg=f"{make.__name__} {name}")
+            np.testing.assert_allclose(ours[name][1], hidden[name][1], rtol=1e-8, atol=1e-12, err_msg=f"{make.__name__} {name}")
+    jax.config.update("jax_enable_x64", False)
+    cases = (
+        (discrete.RelaxedOneHotCategorical, jnp.array([0.4, -0.9, 0.1], jnp.float32), 0.03),
+        (discrete.RelaxedBernoulli, jnp.linspace(-3.0, 3.0, 200, dtype=jnp.float32), 0.5),
+    )
+    for make, logits, temperature in cases:
+        ours = _relaxed_gradients(logits, temperature, make, lambda q: q, 8)
+        for name, (value, gradient) in ours.items():
+            assert np.isfinite(value) and np.all(np.isfinite(gradient)), (make.__name__, name, value, gradient)
+        # The protocol is what makes them finite: without it some are not.
+        hidden = _relaxed_gradients(logits, temperature, make, _HiddenLogSpace, 8)
+        assert not all(np.isfinite(v) and np.all(np.isfinite(g)) for v, g in hidden.values()), make.__name__
