@@ -423,7 +423,11 @@ def active_units(posterior_means: jax.Array, threshold=0.01) -> ActiveUnits:
             "`posterior_means` must have shape (N, d) with N >= 2 data points (one row per data "
             f"point; this diagnostic takes the whole data set), got shape {posterior_means.shape}."
         )
+    if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, (numbers.Real, jax.Array, np.ndarray)):
+        raise TypeError(f"`threshold` must be a real number >= 0, got {threshold!r} of type {type(threshold).__name__}.")
     if jnp.shape(threshold) != ():
         raise ValueError(f"`threshold` must be a scalar, got shape {jnp.shape(threshold)}.")
+    if not isinstance(threshold, jax.core.Tracer) and not (np.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"`threshold` must be a finite number >= 0, got {threshold}.")
     variance = jnp.var(posterior_means, axis=0)
     return ActiveUnits(jnp.sum(variance > threshold), variance)

@@ -602,6 +602,8 @@ def straight_through(sample) -> jax.Array:
       Bengio, Léonard & Courville 2013, https://arxiv.org/abs/1308.3432
     """
     sample = _check_relaxed_sample(sample, "straight_through", 1)
+    if sample.shape[-1] < 1:
+        raise ValueError(f"`straight_through` needs C >= 1 categories on the last axis, got shape {sample.shape}.")
     hard = jax.nn.one_hot(jnp.argmax(sample, axis=-1), sample.shape[-1], dtype=sample.dtype)
     return _hard_with_soft_gradient(hard, sample)
 

@@ -170,6 +170,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def row_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
     """Split axis `axis` of an `ndim`-dimensional array over the mesh's devices."""
+    if not isinstance(ndim, int) or isinstance(ndim, bool) or ndim < 1:
+        raise ValueError(f"`ndim` must be an int >= 1 (the array's number of axes), got {ndim!r}.")
+    if not isinstance(axis, int) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+        raise ValueError(f"`axis` must be an int in [-{ndim}, {ndim}) for a {ndim}-dimensional array, got {axis!r}.")
     spec = [None] * ndim
     spec[axis] = DATA_AXIS
     return NamedSharding(mesh, PartitionSpec(*spec))

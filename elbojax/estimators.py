@@ -54,11 +54,13 @@ returns a scalar for ONE sample `z`; every estimator returns a scalar, `log_weig
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elbojax import _checks
 from elbojax._keys import fold_in_many
@@ -422,8 +424,12 @@ def _check_baseline(baseline, gradient):
         return
     if gradient != "score":
         raise ValueError(f"`baseline` is only used with gradient='score', got gradient={gradient!r}.")
+    if isinstance(baseline, (bool, np.bool_)) or not isinstance(baseline, (numbers.Real, jax.Array, np.ndarray)):
+        raise TypeError(f"`baseline` must be a real number or a scalar array, got {baseline!r} of type {type(baseline).__name__}.")
     if jnp.shape(baseline) != ():
         raise ValueError(f"`baseline` must be a scalar (one per data point), got shape {jnp.shape(baseline)}.")
+    if not (jnp.issubdtype(jnp.result_type(baseline), jnp.floating) or jnp.issubdtype(jnp.result_type(baseline), jnp.integer)):
+        raise TypeError(f"`baseline` must be a real number, got dtype {jnp.result_type(baseline)}.")
 
 
 def importance_log_marginal(

@@ -295,3 +295,44 @@ def test_empty_data_is_refused_not_averaged_into_nan():
         jax.jit(step)(state, jnp.zeros((0, 6)), jnp.zeros(0, jnp.int32))
     with pytest.raises(ValueError, match=r"K >= 1 log-weights along `axis` -1, got shape \(3, 0\)"):
         ej.effective_sample_size(jnp.zeros((3, 0)))
+
+
+def test_small_arguments_are_refused_with_what_was_expected():
+    """Each was JAX's own error (or, for a NaN threshold, a silent count of 0)."""
+    from elbojax import diagnostics, discrete, distributed
+    from elbojax.models import likelihoods
+
+    means = jnp.arange(6.0).reshape(3, 2)
+    for threshold, error, match in (("0.01", TypeError, "real number >= 0, got '0.01'"),
+                                    (float("nan"), ValueError, "finite number >= 0, got nan"),
+                                    (-1.0, ValueError, "finite number >= 0, got -1.0"),
+                                    (True, TypeError, "real number >= 0, got True")):
+        with pytest.raises(error, match=match):
+            diagnostics.active_units(means, threshold)
+    assert int(diagnostics.active_units(means, np.float32(0.5)).count) == 2
+    assert int(jax.jit(diagnostics.active_units)(means, 0.5).count) == 2  # a traced threshold still works
+
+    with pytest.raises(ValueError, match=r"C >= 1 categories on the last axis, got shape \(2, 0\)"):
+        discrete.straight_through(jnp.zeros((2, 0)))
+
+    model = exact.GaussianToy.random(jax.random.key(0), dim=2)
+    score = lambda baseline: ej.elbo(jax.random.key(0), jnp.zeros(2), model.log_joint, model.prior,
+                                     num_samples=2, gradient="score", baseline=baseline)
+    for baseline, match in (("0", "real number or a scalar array, got '0'"), (True, "got True of type bool"),
+                            (jnp.array(True), "real number, got dtype bool")):
+        with pytest.raises(TypeError, match=match):
+            score(baseline)
+    assert np.isfinite(score(np.float32(0.5)))
+
+    mesh = distributed.data_mesh(1)
+    for ndim, axis, match in ((2, 2, r"`axis` must be an int in \[-2, 2\)"), (0, 0, "`ndim` must be an int >= 1"),
+                              (2, "0", r"`axis` must be an int")):
+        with pytest.raises(ValueError, match=match):
+            distributed.row_sharding(mesh, ndim, axis)
+
+    with pytest.raises(TypeError, match="static real number in \\(0, 0.5\\)"):
+        jax.jit(lambda c: likelihoods.bias_from_data_mean(jnp.full(3, 0.5), clip=c))(0.01)
+    with pytest.raises(TypeError, match="got '0.01' of type str"):
+        likelihoods.bias_from_data_mean(jnp.full(3, 0.5), clip="0.01")
+    np.testing.assert_allclose(likelihoods.bias_from_data_mean(jnp.array([0.0, 0.5]), clip=np.float32(0.25)),
+                               [np.log(1 / 3), 0.0], rtol=1e-6)
