@@ -54,6 +54,25 @@ def check_finite_positive(value: Any, name: str) -> float:
     return float(value)
 
 
+def check_finite_real(value: Any, name: str) -> float:
+    """Return `value` as a `float` if it is a static, finite real number, else raise.
+
+    NumPy and concrete 0-d JAX scalars pass; `bool` and traced values do not.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"`{name}` must be a static real number, got a traced value {value}. Mark it static, "
+            f"e.g. `jax.jit(f, static_argnames='{name}')`."
+        )
+    if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == ():
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}.")
+    if not np.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value}.")
+    return float(value)
+
+
 def check_optional_positive_int(value: Any, name: str) -> int | None:
     """Like `check_positive_int`, but `None` passes through."""
     return None if value is None else check_positive_int(value, name)

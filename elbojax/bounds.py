@@ -44,14 +44,6 @@ from elbojax.estimators import (
 from elbojax.reductions import combine_expm1, summarize_expm1, summary_logmeanexp, summary_logsumexp
 
 
-def _check_real(value, name):
-    if isinstance(value, jax.core.Tracer) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"`{name}` must be a Python float, got {value!r} of type {type(value).__name__}.")
-    if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite float, got {value}.")
-    return float(value)
-
-
 def renyi_bound(
     key,
     x,
@@ -91,7 +83,7 @@ def renyi_bound(
     Returns:
       A scalar.
     """
-    alpha = _check_real(alpha, "alpha")
+    alpha = _checks.check_finite_real(alpha, "alpha")
     grads.check_gradient(gradient, ("reparam", "stl"), "renyi_bound")
     if alpha == 1.0:
         return elbo(key, x, log_joint, proposal, num_samples=num_samples, chunk_size=chunk_size, gradient=gradient)
@@ -126,7 +118,7 @@ def combination_iwae_bound(
     Returns:
       A scalar.
     """
-    beta = _check_real(beta, "beta")
+    beta = _checks.check_finite_real(beta, "beta")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"`beta` must be in [0, 1], got {beta}.")
     grads.check_gradient(gradient, ("reparam", "stl"), "combination_iwae_bound")

@@ -119,8 +119,16 @@ def test_piwae_routes_iwae_to_the_model_and_miwae_to_the_proposal(problem):
 
 def test_bound_argument_errors(problem):
     model, x, q = problem
-    with pytest.raises(TypeError, match=r"`alpha` must be a Python float, got '0.5'"):
+    with pytest.raises(TypeError, match=r"`alpha` must be a real number, got '0.5'"):
         ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha="0.5", num_samples=2)
+    with pytest.raises(TypeError, match=r"`alpha` must be a static real number, got a traced value"):
+        jax.jit(lambda a: ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha=a, num_samples=2))(0.5)
+    # NumPy and 0-d JAX scalars are the numbers they hold.
+    as_float = ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha=0.5, num_samples=2)
+    for alpha in (np.float32(0.5), jnp.asarray(0.5)):
+        assert ej.renyi_bound(jax.random.key(0), x, model.log_joint, q, alpha=alpha, num_samples=2) == as_float
+    assert ej.combination_iwae_bound(jax.random.key(0), x, model.log_joint, q, beta=np.float64(0.3), num_samples=2) == (
+        ej.combination_iwae_bound(jax.random.key(0), x, model.log_joint, q, beta=0.3, num_samples=2))
     with pytest.raises(ValueError, match=r"`num_groups` must be an int >= 1, got 0"):
         ej.multi_iwae_bound(jax.random.key(0), x, model.log_joint, q, num_groups=0, num_samples=2)
     with pytest.raises(ValueError, match=r"`gradient` for `renyi_bound` must be one of 'reparam', 'stl'"):

@@ -247,7 +247,7 @@ def test_renyi_alpha_must_be_finite(toy, alpha):
     model, x = toy
     call = lambda: ej.renyi_bound(jax.random.key(0), x, model.log_joint, model.prior, alpha=alpha, num_samples=4)
     for run in _jit_too(call):
-        with pytest.raises(ValueError, match=r"`alpha` must be a finite float, got (nan|inf|-inf)"):
+        with pytest.raises(ValueError, match=r"`alpha` must be a finite number, got (nan|inf|-inf)"):
             run()
 
 
