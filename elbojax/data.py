@@ -700,18 +700,19 @@ def _raise_first(x: np.ndarray, bad: np.ndarray, name: str, requirement: str, hi
         )
 
 
-def _check_nonnegative_int(value: Any, name: str) -> int:
+def _check_int_at_least(value: Any, name: str, low: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(
-            f"`{name}` must be an int >= 0, got {value!r} of type {type(value).__name__}."
+            f"`{name}` must be an int >= {low}, got {value!r} of type {type(value).__name__}."
         )
-    if value < 0:
-        raise ValueError(f"`{name}` must be an int >= 0, got {value}.")
+    if value < low:
+        raise ValueError(f"`{name}` must be an int >= {low}, got {value}.")
     return int(value)
 
 
+def _check_nonnegative_int(value: Any, name: str) -> int:
+    return _check_int_at_least(value, name, 0)
+
+
 def _check_positive(value: Any, name: str) -> int:
-    value = _check_nonnegative_int(value, name)
-    if value == 0:
-        raise ValueError(f"`{name}` must be an int >= 1, got 0.")
-    return value
+    return _check_int_at_least(value, name, 1)

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import numbers
 import sys
+
+import numpy as np
 
 # glibc's <malloc.h> parameter numbers for mallopt(3).
 _M_TRIM_THRESHOLD = -1
@@ -86,8 +89,16 @@ def keep_freed_memory(enable: bool = True, *, trim_threshold: int = 1 << 30) -> 
       True if glibc took the settings; False where the C library is not glibc (macOS, Windows,
       musl), which is left unchanged.
     """
-    if isinstance(trim_threshold, bool) or not isinstance(trim_threshold, int) or not 0 <= trim_threshold <= _C_INT_MAX:
+    if not isinstance(enable, (bool, np.bool_)):
+        raise TypeError(f"`enable` must be True or False, got {enable!r} of type {type(enable).__name__}.")
+    if isinstance(trim_threshold, (bool, np.bool_)) or not isinstance(trim_threshold, numbers.Integral):
+        raise TypeError(
+            f"`trim_threshold` must be an int of bytes in [0, {_C_INT_MAX}], got {trim_threshold!r} of "
+            f"type {type(trim_threshold).__name__}."
+        )
+    if not 0 <= trim_threshold <= _C_INT_MAX:
         raise ValueError(f"`trim_threshold` must be an int of bytes in [0, {_C_INT_MAX}], got {trim_threshold!r}.")
+    trim_threshold = int(trim_threshold)
     libc = _glibc()
     if libc is None:
         return False

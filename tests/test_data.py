@@ -433,6 +433,7 @@ def test_batches_resume_exactly_from_any_position():
         (dict(start_epoch=-1), ValueError, r"`start_epoch` must be an int >= 0, got -1"),
         (dict(batch_size=104), ValueError, r"`batch_size` \(104\) must not exceed `num_examples` \(103\)"),
         (dict(batch_size=0), ValueError, r"`batch_size` must be an int >= 1, got 0"),
+        (dict(batch_size=None), TypeError, r"`batch_size` must be an int >= 1, got None of type NoneType"),
         (dict(seed=-1), ValueError, r"`seed` must be an int >= 0, got -1"),
         (dict(seed=True), TypeError, r"`seed` must be an int >= 0, got True of type bool"),
         # Two 32-bit words would share a stream: seed 2**32 + 7 shuffled as epoch 1 of seed 7.

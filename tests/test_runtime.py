@@ -93,7 +93,14 @@ def test_it_sets_the_documented_glibc_parameters(monkeypatch):
     assert calls == [(-4, 65536), (-3, 32 << 20), (-1, 64 << 20)]  # the dynamic thresholds' settled values
 
 
-@pytest.mark.parametrize("bad", [-1, 2**31, 1.5, "1GiB", True])
-def test_a_bad_trim_threshold_is_refused(bad):
-    with pytest.raises(ValueError, match="trim_threshold"):
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), (2**31, ValueError), (1.5, TypeError), ("1GiB", TypeError), (True, TypeError)])
+def test_a_bad_trim_threshold_is_refused(bad, error):
+    with pytest.raises(error, match="`trim_threshold` must be an int of bytes in"):
         runtime.keep_freed_memory(trim_threshold=bad)
+
+
+@pytest.mark.parametrize("bad", ["no", 0, None])
+def test_enable_must_be_a_bool(bad):
+    """A string such as "no" is truthy: it would have switched the setting on."""
+    with pytest.raises(TypeError, match="`enable` must be True or False"):
+        runtime.keep_freed_memory(bad)
