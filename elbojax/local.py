@@ -518,6 +518,9 @@ def make_svi_step(
        (not differentiated through the inner loop), skipped if not finite;
     4. `state.local[n_i]` $\leftarrow \phi_i^*$ when warm-starting.
 
+    With a table (`num_points` given), every $n_i$ must lie in $[0, N)$: an index outside it
+    cannot raise inside `jit`, so it starts from NaN and the step is skipped (`finite` False).
+
     Keys: the step key is `fold_in(key(seed), step)`, point $i$'s `fold_in(step_key, n_i)`; its
     inner step $t$ uses `fold_in(point_key, t)` and the model step `fold_in(point_key, 2**31 - 1)`.
 
@@ -548,7 +551,12 @@ def make_svi_step(
         _check_phi_leaves(state.local_init, "state.local_init")
         if state.local is not None:
             _check_table(state.local, state.local_init)
-            start = jax.tree.map(lambda table: table[indices], state.local)
+            # An index outside [0, N) (a negative one too) reads a NaN warm start: the step is then
+            # skipped and reported (`finite` False), not fitted from another point's row (JAX's
+            # indexing would clamp or wrap it), and its row is not written.
+            num_rows = jnp.shape(jax.tree.leaves(state.local)[0])[0]
+            rows = jnp.where((indices >= 0) & (indices < num_rows), indices, num_rows)
+            start = jax.tree.map(lambda table: table.at[rows].get(mode="fill", fill_value=jnp.nan), state.local)
         else:
             start = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_points,) + jnp.shape(a)), state.local_init)
 
@@ -578,7 +586,7 @@ def make_svi_step(
         params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
         local = state.local
         if local is not None:
-            local = jax.tree.map(lambda table, rows: table.at[indices].set(rows.astype(table.dtype)), local, result.phi)
+            local = jax.tree.map(lambda table, phi: table.at[rows].set(phi.astype(table.dtype), mode="drop"), local, result.phi)
         new_state = SVIState(
             step=state.step + 1,
             params=params,

@@ -258,6 +258,13 @@ def test_errors_name_what_was_expected():
     # A pytree model (every leaf trained) goes through the step: its gradient norm is taken leaf by leaf.
     new_state, info = jax.jit(step)(state, data[:2], jnp.arange(2))
     assert bool(info.finite) and not np.allclose(new_state.params.bias, state.params.bias)
+    # An index outside [0, N) skips the step, loudly: JAX's indexing clamped 4 to row 3 (and wrapped -1).
+    for outside in (4, -1):
+        new_state, info = jax.jit(step)(state, data[:2], jnp.array([0, outside]))
+        assert not bool(info.finite) and int(new_state.num_skipped) == 1
+        np.testing.assert_array_equal(new_state.params.bias, state.params.bias)
+        for table, old_table in zip(jax.tree.leaves(new_state.local), jax.tree.leaves(state.local)):
+            np.testing.assert_array_equal(table[1:], old_table[1:])
     with pytest.raises(ValueError, match="num_inner_steps"):
         local.make_svi_step(graphdef, optax.sgd(0.1), objective=local.objective(), inner_optimizer=optax.sgd(0.1), num_inner_steps=0, seed=0)
     with pytest.raises(ValueError, match=r"`seed` must be an int in \[0, 2\*\*32\), got 4294967296"):  # was seed 0's stream
