@@ -41,10 +41,10 @@ sample's logarithm (or logit), never from the rounded value. So do the estimator
 $\log q$ again at their samples (`"stl"`, `"dreg"`, `"score"`, `"vimco"`, `partial_iwae_bound`):
 these distributions expose the point they sample through (`sample_log_space`,
 `log_prob_from_log_space`; see `elbojax.gradients.in_log_space`), and the estimators read $\log q$
-from it. But a prior's `log_prob(z)` has only `z`. Then work in log space: a proposal and prior on the logarithm of the sample,
-TFP's `ExpRelaxedOneHotCategorical(τ, logits=...)` (through `elbojax.as_proposal`) or, for a
-binary Concrete, `distrax.Logistic(logits / τ, 1 / τ)` on its logit, with the decoder applying
-`exp` (or `jax.nn.sigmoid`). The change of variables is the same for $q$ and $p$, so every log
+from it. But a prior's `log_prob(z)` has only `z`. Then work in log space: a proposal and prior
+on the logarithm of the sample, TFP's `ExpRelaxedOneHotCategorical(τ, logits=...)` (through
+`elbojax.as_proposal`) or, for a binary Concrete, `distrax.Logistic(logits / τ, 1 / τ)` on its
+logit, with the decoder applying `exp` (or `jax.nn.sigmoid`). The change of variables is the same for $q$ and $p$, so every log
 ratio, hence the ELBO, is unchanged (the ExpConcrete of Maddison et al. 2017, appendix).
 
 Shapes: `x` is one data point; `log_joint(x, z)` returns a scalar for ONE `z`; every objective here
@@ -104,9 +104,8 @@ def _log_normalized(logits: jax.Array) -> jax.Array:
 
 def _finite_logits(logits: Any) -> jax.Array:
     """A relaxed distribution's logits: floating point, and finite when they are concrete."""
-    concrete = not isinstance(logits, jax.core.Tracer)
     logits = _float_array(logits, "logits")
-    if concrete and not isinstance(logits, jax.core.Tracer) and not np.isfinite(np.asarray(logits)).all():
+    if not isinstance(logits, jax.core.Tracer) and not np.isfinite(np.asarray(logits)).all():
         raise ValueError("`logits` of a relaxed distribution must be finite (an infinite logit makes its density NaN).")
     return logits
 
