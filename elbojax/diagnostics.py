@@ -386,7 +386,8 @@ class ActiveUnits(NamedTuple):
     r"""The result of `active_units`.
 
     Attributes:
-      count: integer scalar, the number of dimensions with `variance > threshold`.
+      count: integer scalar, the number of dimensions with `variance > threshold`; -1 if a
+        variance is NaN (a NaN posterior mean), never a count that leaves those dimensions out.
       variance: shape `(d,)`, $\mathrm{Var}_x\, \mathbb{E}_{q(z \mid x)}[z_j]$ over the data set.
     """
 
@@ -430,4 +431,5 @@ def active_units(posterior_means: jax.Array, threshold=0.01) -> ActiveUnits:
     if not isinstance(threshold, jax.core.Tracer) and not (np.isfinite(threshold) and threshold >= 0):
         raise ValueError(f"`threshold` must be a finite number >= 0, got {threshold}.")
     variance = jnp.var(posterior_means, axis=0)
-    return ActiveUnits(jnp.sum(variance > threshold), variance)
+    count = jnp.sum(variance > threshold)
+    return ActiveUnits(jnp.where(jnp.any(jnp.isnan(variance)), -1, count).astype(count.dtype), variance)

@@ -98,7 +98,8 @@ def _log_normalized(logits: jax.Array) -> jax.Array:
     """`log_softmax(logits)`, with logits of +inf taken as the limit: equal mass on those classes
     (`log_softmax` gives NaN there, from inf - inf)."""
     top = jnp.isposinf(logits)
-    limit = jnp.where(top, jnp.zeros_like(logits), jnp.full_like(logits, -jnp.inf))
+    # A NaN logit stays NaN in the limit too (it would have become -inf: a silent finite ELBO).
+    limit = jnp.where(top, jnp.zeros_like(logits), jnp.where(jnp.isnan(logits), logits, jnp.full_like(logits, -jnp.inf)))
     return jax.nn.log_softmax(jnp.where(jnp.any(top), limit, logits))
 
 

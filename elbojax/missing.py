@@ -655,7 +655,8 @@ class Imputation(NamedTuple):
       samples: `(M, D)`, `x` with its missing entries drawn from $p(x_{\mathrm{mis}} \mid z_j)$ at
         resampled $z_j$: approximate draws from $p(x_{\mathrm{mis}} \mid x_{\mathrm{obs}})$.
       means: `(M, D)`, the same with $\mathbb{E}[x_{\mathrm{mis}} \mid z_j]$ instead of a draw
-        (for pictures: pixel probabilities rather than noisy bits).
+        (for pictures: pixel probabilities rather than noisy bits). Both are NaN at the missing
+        entries if a log-weight is NaN (the resampled $z_j$ would mean nothing).
       mean: `(D,)`, the self-normalised estimate $\sum_k \bar w_k\, \mathbb{E}[x_{\mathrm{mis}}
         \mid z_k]$ of $\mathbb{E}[x_{\mathrm{mis}} \mid x_{\mathrm{obs}}]$ (all $K$ samples, no
         resampling noise).
@@ -737,9 +738,10 @@ def impute(
     chosen = jax.tree.map(lambda a: a[indices], z)
     draws = jax.vmap(parts.sample)(jax.random.split(noise_key, num_imputations), chosen)
     complete = lambda values: jnp.where(mask, x_filled.astype(values.dtype), values)
+    poisoned = jnp.isnan(estimate.effective_sample_size)  # a NaN log-weight: the indices mean nothing
     return Imputation(
-        samples=complete(draws),
-        means=complete(means[indices]),
+        samples=complete(snis.nan_if(poisoned, draws)),
+        means=complete(snis.nan_if(poisoned, means[indices])),
         mean=complete(estimate.mean),
         mean_standard_error=jnp.where(mask, 0.0, estimate.standard_error),
         effective_sample_size=estimate.effective_sample_size,

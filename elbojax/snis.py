@@ -230,7 +230,8 @@ class Resampled(NamedTuple):
     r"""What `importance_resample` returns.
 
     Attributes:
-      samples: `(num_resampled, ...)`, approximate draws from $p(z \mid x)$ (a pytree like $z$).
+      samples: `(num_resampled, ...)`, approximate draws from $p(z \mid x)$ (a pytree like $z$);
+        NaN (its floating-point leaves) if a log-weight is NaN.
       indices: `int32[num_resampled]`, which of the $K$ proposals each is.
       log_weights: `(K,)`, the log-weights of all $K$ proposals.
       effective_sample_size: Kish's ESS of the $K$ weights, a scalar.
@@ -275,5 +276,17 @@ def importance_resample(
     draw_key, resample_key = jax.random.split(key)
     z, log_weights = importance_samples(draw_key, x, log_joint, proposal, num_samples=num_samples, chunk_size=chunk_size)
     indices = resample(resample_key, log_weights, num_resampled, method=method)
-    samples = jax.tree.map(lambda a: a[indices], z)
-    return Resampled(samples, indices, log_weights, effective_sample_size(log_weights))
+    ess = effective_sample_size(log_weights)
+    samples = jax.tree.map(lambda a: nan_if(jnp.isnan(ess), a[indices]), z)
+    return Resampled(samples, indices, log_weights, ess)
+
+
+def nan_if(condition, values):
+    """`values`, or NaN where `condition` holds (integer values are returned unchanged).
+
+    A NaN log-weight makes the resampled indices meaningless (`resample`): the samples they pick
+    are NaN then, not a plausible-looking draw.
+    """
+    if not jnp.issubdtype(jnp.result_type(values), jnp.inexact):
+        return values
+    return jnp.where(condition, jnp.full_like(values, jnp.nan), values)

@@ -336,3 +336,45 @@ def test_small_arguments_are_refused_with_what_was_expected():
         likelihoods.bias_from_data_mean(jnp.full(3, 0.5), clip="0.01")
     np.testing.assert_allclose(likelihoods.bias_from_data_mean(jnp.array([0.0, 0.5]), clip=np.float32(0.25)),
                                [np.log(1 / 3), 0.0], rtol=1e-6)
+
+
+def test_a_nan_never_becomes_a_plausible_answer():
+    """Each gave a finite, plausible-looking result from a NaN input (inside jit, where nothing can raise)."""
+    import distrax
+    from flax import nnx
+
+    from elbojax import diagnostics, discrete, missing, models, snis
+
+    # A NaN logit beside a +inf one: the +inf limit made the NaN class -inf, and the ELBO finite.
+    log_joint = lambda x, c: jnp.array([-1.0, -2.0, -3.0])[c]
+    assert np.isnan(jax.jit(lambda l: discrete.enumerated_elbo(None, log_joint, l))(jnp.array([jnp.inf, jnp.nan, 0.0])))
+
+    # A NaN log-weight: resampled samples and imputations were finite draws picked by meaningless indices.
+    model = exact.LinearGaussian.random(jax.random.key(0), data_dim=4, latent_dim=2)
+    broken = exact.LinearGaussian(model.weight, model.bias, model.noise_variance.at[0].set(jnp.nan))
+    q = distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2))
+    mask = jnp.array([True, True, False, False])
+    imputation = jax.jit(lambda m: missing.impute(jax.random.key(1), jnp.ones(4), mask, m, num_samples=50,
+                                                   num_imputations=3, proposal=q))(broken)
+    assert np.all(np.isnan(imputation.samples[:, 2:])) and np.all(np.isnan(imputation.means[:, 2:]))
+    np.testing.assert_array_equal(imputation.samples[:, :2], np.ones((3, 2)))  # observed entries stay observed
+    healthy = jax.jit(lambda m: missing.impute(jax.random.key(1), jnp.ones(4), mask, m, num_samples=50,
+                                                num_imputations=3, proposal=q))(model)
+    assert np.all(np.isfinite(healthy.samples)) and np.all(np.isfinite(healthy.means))
+    resampled = jax.jit(lambda m: snis.importance_resample(jax.random.key(2), jnp.ones(4), m.log_joint, q,
+                                                           num_samples=20, num_resampled=4))(broken)
+    assert np.all(np.isnan(resampled.samples)) and resampled.indices.dtype == jnp.int32
+
+    # A NaN posterior mean: its dimension was counted as inactive.
+    means = jnp.arange(30.0).reshape(10, 3).at[4, 1].set(jnp.nan)
+    assert int(jax.jit(diagnostics.active_units)(means).count) == -1
+    assert int(jax.jit(diagnostics.active_units)(means.at[4, 1].set(0.0)).count) == 3
+
+    # NaN classifier logits: argmax named class 0.
+    rngs = nnx.Rngs(0)
+    classifier = models.MLPClassifier(4, 3, (5,), rngs=rngs)
+    m2 = models.SemiSupervisedVAE(classifier, models.GaussianMLPEncoder(7, 2, (5,), rngs=rngs),
+                                  models.BernoulliMLPDecoder(5, 4, (5,), rngs=rngs), models.StandardNormalPrior(2), num_classes=3)
+    assert 0 <= int(m2.classify(jnp.ones(4))) < 3
+    classifier.head.bias.set_value(jnp.full(3, jnp.nan))
+    assert int(m2.classify(jnp.ones(4))) == -1

@@ -485,8 +485,10 @@ class SemiSupervisedVAE(_LabelConditioned):
         return self.classifier(x)
 
     def classify(self, x):
-        r"""$\arg\max_c q_\phi(c \mid x)$: the predicted class of one `x` (an int32 scalar)."""
-        return jnp.argmax(self.classifier_logits(x)).astype(jnp.int32)
+        r"""$\arg\max_c q_\phi(c \mid x)$: the predicted class of one `x` (an int32 scalar); -1 if a
+        logit is NaN (`argmax` would name a class: the first NaN, or class 0)."""
+        logits = self.classifier_logits(x)
+        return jnp.where(jnp.any(jnp.isnan(logits)), -1, jnp.argmax(logits)).astype(jnp.int32)
 
     def continuous_proposal(self, x) -> Callable:
         r"""$c \mapsto q_\phi(w \mid x, c)$ for one `x`; `c` an integer class or a one-hot `(C,)`."""
