@@ -218,7 +218,7 @@ def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samp
     # other (their ratio exp(lse - lse_m)/M overflows for a group ~88 nats below the best in float32).
     points_fixed = jax.tree.map(jax.lax.stop_gradient, points)
     direct_terms = (model_weights - proposal_weights) * log_joint_mk(grads.value_at(problem.proposal, points_fixed))
-    log_q_path = jax.vmap(jax.vmap(lambda point: grads.path_only_log_prob(problem.proposal, point)))(points)
+    log_q_path = jax.vmap(jax.vmap(lambda point: grads.path_only_log_prob_at(problem.proposal, point)))(points)
     path_terms = proposal_weights * (log_joint_mk(z) - log_q_path)
     log_q_fixed = jax.vmap(jax.vmap(lambda point: grads.log_prob_at(problem.proposal, point)))(points_fixed)
     score = log_q_fixed - jax.lax.stop_gradient(log_q_fixed)

@@ -20,6 +20,7 @@ On CPU the device count must be fixed before JAX starts its backend:
 
 from __future__ import annotations
 
+import numbers
 import os
 import socket
 import sys
@@ -170,10 +171,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def row_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
     """Split axis `axis` of an `ndim`-dimensional array over the mesh's devices."""
-    if not isinstance(ndim, int) or isinstance(ndim, bool) or ndim < 1:
+    is_int = lambda value: isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if not is_int(ndim) or ndim < 1:
         raise ValueError(f"`ndim` must be an int >= 1 (the array's number of axes), got {ndim!r}.")
-    if not isinstance(axis, int) or isinstance(axis, bool) or not -ndim <= axis < ndim:
+    ndim = int(ndim)
+    if not is_int(axis) or not -ndim <= axis < ndim:
         raise ValueError(f"`axis` must be an int in [-{ndim}, {ndim}) for a {ndim}-dimensional array, got {axis!r}.")
+    axis = int(axis)
     spec = [None] * ndim
     spec[axis] = DATA_AXIS
     return NamedSharding(mesh, PartitionSpec(*spec))

@@ -198,7 +198,7 @@ def _pathwise_log_weights(problem: _Problem, gradient: str):
     def chunk_fn(start, count):
         if gradient == "stl":
             points, z, _ = _draw_points(problem, start, count)
-            log_q = jax.vmap(lambda point: grads.path_only_log_prob(problem.proposal, point))(points)
+            log_q = jax.vmap(lambda point: grads.path_only_log_prob_at(problem.proposal, point))(points)
             return _log_joint(problem, z) - log_q
         z, log_q = _draw(problem, start, count)
         if problem.guard is not None:
@@ -390,7 +390,7 @@ def _iwae_dreg(problem: _Problem):
         # Every weight 0: weights of 0 (no gradient), not exp(-inf + inf) = NaN.
         weights = jnp.exp(log_weights - jnp.where(jnp.isneginf(lse), jnp.zeros_like(lse), lse))
         scaled = jax.vmap(grads.scale_cotangent)(points, weights)  # the sample's cotangent, times its weight
-        log_q_path = jax.vmap(lambda point: grads.path_only_log_prob(problem.proposal, point))(scaled)
+        log_q_path = jax.vmap(lambda point: grads.path_only_log_prob_at(problem.proposal, point))(scaled)
         terms = weights * (_log_joint(problem, grads.value_at(problem.proposal, scaled)) - log_q_path)
         # A zero weight (log-weight -inf) contributes nothing: 0 * -inf would make the value NaN.
         # The masked entries get a zero cotangent, and 0 * weight is 0: the gradient is unchanged.

@@ -40,12 +40,14 @@ References:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import distrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from elbojax import _checks
@@ -128,12 +130,16 @@ class CouplingFlow(nnx.Module):
             raise ValueError(f"A coupling flow needs `latent_dim` >= 2 (it keeps some coordinates to transform the others), got {latent_dim}.")
         self.num_layers = _checks.check_positive_int(num_layers, "num_layers")
         hidden = check_widths(hidden)
+        if isinstance(context_dim, (bool, np.bool_)) or not isinstance(context_dim, numbers.Integral):
+            raise TypeError(f"`context_dim` must be an int >= 0 (0: no context), got {context_dim!r} of type {type(context_dim).__name__}.")
+        if context_dim < 0:
+            raise ValueError(f"`context_dim` must be an int >= 0 (0: no context), got {context_dim}.")
+        self.context_dim = int(context_dim)
         if context_dim and not hidden:
             raise ValueError("A conditioned flow (context_dim > 0) needs at least one hidden layer in `hidden`.")
         if not callable(activation):
             raise TypeError(f"`activation` must be callable (e.g. jnp.tanh), got {type(activation).__name__}.")
         max_log_scale = _checks.check_finite_positive(max_log_scale, "max_log_scale")
-        self.context_dim = 0 if context_dim == 0 else _checks.check_positive_int(context_dim, "context_dim")
         self.conditioners = nnx.List(
             [
                 _Conditioner(self.latent_dim, hidden, self.context_dim, activation, float(max_log_scale), rngs=rngs, param_dtype=param_dtype)

@@ -128,6 +128,8 @@ def mark_missing(x, mask):
       mask: bool, the shape of `x`, or of one point of a batch `x` (the same entries missing in
         every row); `True` = observed.
     """
+    if isinstance(mask, (list, tuple)):
+        mask = np.asarray(mask)
     mask_shape = tuple(np.shape(mask))
     if mask_shape and len(mask_shape) < len(np.shape(x)) and tuple(np.shape(x))[-len(mask_shape):] == mask_shape:
         broadcast = np.broadcast_to if isinstance(mask, _NUMPY_TYPES) else jnp.broadcast_to

@@ -207,7 +207,9 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
         )
     if log_weights.shape[axis] < 1:
         raise ValueError(f"`log_weights` must hold K >= 1 log-weights along `axis` {axis}, got shape {log_weights.shape}.")
-    exps = exp_shifted(log_weights, axis)  # w / max(w): the largest is 1, so neither sum overflows
+    # w / max(w): the largest is 1, so neither sum overflows; in float32 for 16-bit log-weights
+    # (float16's total ** 2 overflows once the ESS passes 256).
+    exps = exp_shifted(widened(log_weights), axis)
     total, total_sq = jnp.sum(exps, axis=axis), jnp.sum(exps * exps, axis=axis)
     # Both sums are 0 when every weight is: the ESS is 0 then, with a zero gradient (no 0 / 0).
     return total * total / jnp.where(total_sq == 0, jnp.ones_like(total_sq), total_sq)
@@ -219,7 +221,7 @@ def exp_shifted(log_weights, axis: int) -> jax.Array:
     Weights relative to the largest: the ratios of self-normalised weights and the ESS do not
     depend on $m$, so it is held fixed under differentiation. Exactly invariant to a shift of
     $\ell$, unlike $e^{\ell_k - \mathrm{LSE}(\ell)}$, whose rounded log-sum-exp loses the
-    digits of large log-weights (float32 at $\ell pprox -10^7$: four equal weights got
+    digits of large log-weights (float32 at $\ell \approx -10^7$: four equal weights got
     0.368 each).
     """
     largest = jax.lax.stop_gradient(jnp.max(log_weights, axis=axis, keepdims=True))

@@ -768,8 +768,9 @@ def _applied_mean(values, finite) -> float | None:
 
 def _longest_skipped_run(finite, skipped_before: int) -> int:
     """The longest run of skipped steps in a call, counting the `skipped_before` that ended the last
-    one: a run that ends inside a call stops training too, however the steps are grouped."""
-    longest = run = skipped_before
+    one: a run that ends inside a call stops training too, however the steps are grouped. Only a run
+    that this call extends counts (a resumed stopped run whose steps are now applied goes on)."""
+    longest, run = 0, skipped_before
     for applied in np.asarray(finite, bool):
         run = 0 if applied else run + 1
         longest = max(longest, run)

@@ -378,3 +378,38 @@ def test_a_nan_never_becomes_a_plausible_answer():
     assert 0 <= int(m2.classify(jnp.ones(4))) < 3
     classifier.head.bias.set_value(jnp.full(3, jnp.nan))
     assert int(m2.classify(jnp.ones(4))) == -1
+
+
+def test_second_look_at_the_sweep_fixes():
+    """Regressions a review of this round's own fixes found, each reproduced before the fix."""
+    import distrax
+
+    from elbojax import discrete, distributed, gradients, missing, reductions
+    from elbojax.models.hierarchical import HierarchicalProposal
+
+    # float16: total ** 2 overflowed once the ESS passed 256 (inf).
+    for num in (300, 1000):
+        np.testing.assert_allclose(reductions.effective_sample_size(jnp.zeros(num, jnp.float16)), num, rtol=1e-3)
+
+    # The public path_only_log_prob(q, z) is log q(z) for a relaxed q too (it read z as log z).
+    q = discrete.RelaxedBernoulli(jnp.array([0.2]), 0.5)
+    z = q.sample(seed=jax.random.key(0))
+    np.testing.assert_allclose(gradients.path_only_log_prob(q, z), q.log_prob(z), rtol=1e-6)
+
+    # A distrax.Transformed conditional layer: log_prob's shape check failed on its abstract event_shape.
+    layered = HierarchicalProposal(
+        distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2)),
+        lambda z1: distrax.Transformed(distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2)),
+                                       distrax.Block(distrax.ScalarAffine(z1, 2.0), 1)),
+    )
+    sample, log_q = layered.sample_and_log_prob(seed=jax.random.key(0))
+    np.testing.assert_allclose(layered.log_prob(sample), log_q, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"`value\['z2'\]` must have shape sample_shape \+ \(2,\)"):
+        layered.log_prob({"z1": sample["z1"], "z2": jnp.zeros(3)})
+
+    # One row's mask as a Python list, like a whole-shape list.
+    marked = missing.mark_missing(np.zeros((3, 4), np.float32), [True, False, True, True])
+    assert np.isnan(marked[:, 1]).all() and not np.isnan(marked[:, [0, 2, 3]]).any()
+
+    # NumPy integers for row_sharding's ndim and axis.
+    assert tuple(distributed.row_sharding(distributed.data_mesh(1), np.int64(2), np.int32(-1)).spec) == (None, distributed.DATA_AXIS)

@@ -185,9 +185,9 @@ def test_errors_name_what_was_expected():
     with pytest.raises(ValueError, match=r"`max_log_scale` must be a finite number > 0, got inf"):  # samples were NaN
         flows.CouplingFlow(2, 2, (4,), max_log_scale=float("inf"), rngs=nnx.Rngs(0))
     flows.CouplingFlow(2, 2, (4,), max_log_scale=np.float32(3.0), rngs=nnx.Rngs(0))  # was refused
-    with pytest.raises(ValueError, match=r"`context_dim` must be an int >= 1, got -1"):  # was an MLIRError
+    with pytest.raises(ValueError, match=r"`context_dim` must be an int >= 0 \(0: no context\), got -1"):  # was an MLIRError
         flows.CouplingFlow(2, 2, (4,), context_dim=-1, rngs=nnx.Rngs(0))
-    with pytest.raises(TypeError, match=r"`context_dim` must be an int >= 1, got 2.5"):  # was silently 2
+    with pytest.raises(TypeError, match=r"`context_dim` must be an int >= 0 \(0: no context\), got 2.5"):  # was silently 2
         flows.CouplingFlow(2, 2, (4,), context_dim=2.5, rngs=nnx.Rngs(0))
     flow = flows.CouplingFlow(2, 2, (4,), context_dim=3, rngs=nnx.Rngs(0))
     base = distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2))

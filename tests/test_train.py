@@ -397,6 +397,13 @@ def test_fit_stops_after_a_run_of_skipped_steps_that_ends_inside_a_call(tmp_path
     finished = train.fit(graphdef, state, optax.adam(1e-2), nan_at(3, 4), IMAGES, run_dir=tmp_path / "short",
                          config=config._replace(steps_per_call=5, checkpoint_every=5), progress=False)
     assert int(finished.step) == 20 and int(finished.num_skipped) == 2
+    # A stopped run resumed with a healthy objective goes on: its streak is not extended.
+    with pytest.raises(train.TrainingStopped, match=r"Stopped at step 5: 2 steps in a row"):
+        train.fit(graphdef, state, optax.adam(1e-2), nan_at(3, 4), IMAGES, run_dir=tmp_path / "resumed",
+                  config=config._replace(steps_per_call=5, checkpoint_every=5, max_skipped_in_a_row=2), progress=False)
+    resumed = train.fit(graphdef, state, optax.adam(1e-2), base, IMAGES, run_dir=tmp_path / "resumed",
+                        config=config._replace(steps_per_call=5, checkpoint_every=5, max_skipped_in_a_row=2), progress=False)
+    assert int(resumed.step) == 20 and int(resumed.num_skipped) == 2
 
 
 def test_metrics_lines_are_strict_json_when_the_kl_is_not_reported(tmp_path):

@@ -50,6 +50,12 @@ class HierarchicalProposal:
         probe = jax.ShapeDtypeStruct(tuple(self.first.event_shape), self.first.dtype)
         return self.first, jax.eval_shape(self.conditional, probe)
 
+    def _z2_shape(self) -> tuple[int, ...]:
+        """The shape of one $z_2$, from an abstract draw (any distribution that samples: a
+        `distrax.Transformed` layer has no `event_shape` when built abstractly)."""
+        probe = jax.ShapeDtypeStruct(tuple(self.first.event_shape), self.first.dtype)
+        return tuple(jax.eval_shape(lambda z1: self.conditional(z1).sample(seed=jax.random.key(0)), probe).shape)
+
     def _conditional_sample(self, z1, key):
         return self.conditional(z1).sample_and_log_prob(seed=key)
 
@@ -68,8 +74,7 @@ class HierarchicalProposal:
         if not isinstance(value, dict) or set(value) != {"z1", "z2"}:
             raise ValueError(f"`value` must be a dict with keys 'z1' and 'z2', got {_describe(value)}.")
         z1, z2 = value["z1"], value["z2"]
-        for name, part, got in (("z1", self.first, jnp.shape(z1)), ("z2", self.pathwise_parts()[1], jnp.shape(z2))):
-            event = tuple(part.event_shape)
+        for name, event, got in (("z1", tuple(self.first.event_shape), jnp.shape(z1)), ("z2", self._z2_shape(), jnp.shape(z2))):
             if len(got) < len(event) or got[len(got) - len(event):] != event:
                 raise ValueError(f"`value[{name!r}]` must have shape sample_shape + {event} (its layer's event shape), got {got}.")
         batch_shape = jnp.shape(z1)[:-1]
