@@ -29,12 +29,17 @@ with (as `SVI.init` and `svi.update` do), the observed data among them (`obs=` s
 * A model with `param` sites of its own (a decoder, say) is evaluated with
   `adapter.log_joint_with(params)`, which returns a `log_joint(x, z)` closed over them.
 * An amortised guide (one that reads the data) sees the data bound at construction: build the
-  adapter inside the function you vmap over data points (construction only traces).
+  adapter inside the function you vmap over data points (construction only traces). `x` must
+  have the shapes of that data (NumPyro would broadcast another shape into a wrong number).
+* Autoguides (`AutoNormal`, ...) work: `from_numpyro` sets one up with a concrete call, as
+  `SVI.init` does, before its abstract trace.
 
 **TFP.** `from_tfp_joint(joint, observed={name: value})` takes a `JointDistributionNamed`,
 `JointDistributionSequential` or `JointDistributionCoroutine` (auto-batched or not).
 `z` holds the unobserved nodes: a dict by name, the pinned distribution's own structure (a
-`StructTuple` or list, in the joint's order), or a bare array when one node is latent; so a
+`StructTuple` or list, in the joint's order; a `JointDistributionNamed` takes a dict only, as
+TFP does, since its graph order need not be the dict's), or a bare array when one node is
+latent; so a
 surrogate posterior built for `joint.experimental_pin(**observed)` can be the proposal as it is
 (through `elbojax.TFPProposal`). `adapter.proposal(surrogate)` checks the surrogate's samples
 against the latent nodes and returns it adapted.
@@ -321,6 +326,7 @@ class NumPyroAdapter:
         self._params = {**self._guide_params, **self._model_params}
         self.latent_sites = tuple(self._latent)
         self.observed_sites = tuple(n for n, s in model_sites.items() if s.kind == "sample" and s.observed)
+        self._observed_shapes = {n: model_sites[n].shapes for n in self.observed_sites}
         self.param_sites = tuple(self._params)
 
     def init_params(self, key) -> dict[str, Any]:
@@ -390,6 +396,13 @@ class NumPyroAdapter:
                     f"`x` may only replace the model's observed sites {_names(self.observed_sites)}; "
                     f"got {_names(unknown)}."
                 )
+            for name, value in x.items():  # NumPyro would broadcast a wrong shape into a wrong number
+                bound, given = self._observed_shapes[name], _Shapes.of(value)
+                if given != bound:
+                    raise ValueError(
+                        f"`x[{name!r}]` must have the {bound.describe()} of the data bound by `from_numpyro`, "
+                        f"got {given.describe()}."
+                    )
             model = handlers.condition(model, data=x)
         model = handlers.seed(model, rng_seed=0)  # every latent site is set; plates may ask for a key
         value, _ = log_density(model, self._args, self._kwargs, {**model_params, **z})
@@ -453,6 +466,10 @@ def from_numpyro(model: Callable, guide: Callable, /, *args, **kwargs) -> NumPyr
         if not callable(fn):
             raise TypeError(f"`{name}` must be a NumPyro model (a callable), got {type(fn).__name__}.")
     found = {}
+    if getattr(guide, "prototype_trace", False) is None:
+        # A NumPyro autoguide sets itself up on its first call and keeps what it traced: under the
+        # abstract trace below it would keep tracers. Set it up here, concretely, as `SVI.init` does.
+        handlers.seed(guide, rng_seed=0)(*args, **kwargs)
 
     def trace_both(key):
         guide_key, model_key = jax.random.split(key)
@@ -558,6 +575,7 @@ class TFPJointAdapter:
         self.observed_names = tuple(name for name in names if name in observed)
         self.latent_names = tuple(name for name in names if name not in observed)
         self._latent_shapes = {n: s for n, s in _event_shapes(joint, names).items() if n in self.latent_names}
+        self._unordered = isinstance(getattr(joint, "model", None), Mapping)  # JointDistributionNamed
 
     def _as_named(self, z, name="z") -> dict:
         """`z` as `{node name: value}`, from a dict, a (Struct)namedtuple, a list or a bare array."""
@@ -566,6 +584,11 @@ class TFPJointAdapter:
         elif hasattr(z, "_asdict"):
             values = z._asdict()
         elif isinstance(z, (list, tuple)):
+            if self._unordered:  # TFP refuses it too: a Named joint's node order is not the dict's
+                raise TypeError(
+                    f"`{name}` must be a dict {{latent node: value}} for a JointDistributionNamed (its nodes "
+                    f"{_names(self.latent_names)} have no order a list could follow); got a {type(z).__name__}."
+                )
             if len(z) != len(self.latent_names):
                 raise ValueError(
                     f"`{name}` given as a sequence must have one value per latent node "

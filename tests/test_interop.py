@@ -324,6 +324,29 @@ def test_numpyro_wrong_params_latents_and_data_raise(adapted):
         adapter.log_joint(jnp.asarray(Y), z)
     with pytest.raises(ValueError, match=r"may only replace the model's observed sites 'y'; got 'mu'"):
         adapter.log_joint({"mu": 1.0}, z)
+    # NumPyro broadcasts a wrong shape into a wrong number: one value for the plate counted it len(Y) times.
+    with pytest.raises(ValueError, match=r"`x\['y'\]` must have the shape \(%d,\) of the data bound by `from_numpyro`, got shape \(\)" % len(Y)):
+        adapter.log_joint({"y": jnp.asarray(0.5)}, z)
+    np.testing.assert_allclose(adapter.log_joint({"y": jnp.asarray(Y)}, z), adapter.log_joint(None, z))
+
+
+def test_numpyro_autoguide_is_adapted(x64):
+    """An AutoNormal guide sets itself up on its first call: under the adapter's abstract trace it
+    kept tracers, and `init_params` raised UnexpectedTracerError."""
+    from numpyro.infer.autoguide import AutoNormal
+
+    data = jnp.array([0.5, -1.2, 2.0])
+
+    def model(data):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+        with numpyro.plate("N", data.shape[0]):
+            numpyro.sample("obs", dist.Normal(mu, 1.0), obs=data)
+
+    adapter = from_numpyro(model, AutoNormal(model), data)
+    params = adapter.init_params(jax.random.key(0))
+    z, log_q = adapter.proposal(params).sample_and_log_prob(seed=jax.random.key(1), sample_shape=(4,))
+    hand = stats.norm(params["mu_auto_loc"], params["mu_auto_scale"]).logpdf(np.asarray(z["mu"]))
+    np.testing.assert_allclose(log_q, hand, rtol=1e-10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,3 +463,17 @@ def test_tfp_log_joint_refuses_latents_and_observations_of_the_wrong_shape(x64):
         ej.iwae_bound(jax.random.key(0), None, adapter.log_joint, tfd.Independent(tfd.Normal(jnp.zeros(1), 1.0), 1), num_samples=3)
     with pytest.raises(ValueError, match=r"`x\['y'\]` must have shape \(2,\) \(the shape of the observed value given to `from_tfp_joint`\), got \(3,\)"):
         adapter.log_joint({"y": jnp.zeros(3)}, jnp.zeros(2))
+
+
+def test_tfp_named_joint_refuses_a_list_of_latents(x64):
+    """A Named joint's node order is TFP's graph order, not the dict's: a list was zipped to it
+    silently (log p -7.97 against -8.96 here), where TFP itself refuses a list."""
+    joint = tfd.JointDistributionNamed(dict(a=tfd.Normal(0.0, 1.0), b=tfd.Normal(0.0, 2.0), y=lambda b: tfd.Normal(b, 1.0)))
+    adapter = from_tfp_joint(joint, observed={"y": jnp.asarray(0.3)})
+    a, b = jnp.asarray(0.7), jnp.asarray(-1.1)
+    np.testing.assert_allclose(adapter.log_joint(None, {"a": a, "b": b}), joint.log_prob(a=a, b=b, y=0.3))
+    with pytest.raises(TypeError, match=r"`z` must be a dict \{latent node: value\} for a JointDistributionNamed"):
+        adapter.log_joint(None, [a, b])
+    surrogate = tfd.JointDistributionSequential([tfd.Normal(0.0, 1.0), tfd.Normal(0.0, 1.0)])
+    with pytest.raises(TypeError, match=r"a sample of `surrogate`"):
+        adapter.proposal(surrogate)
