@@ -16,8 +16,9 @@ with (as `SVI.init` and `svi.update` do), the observed data among them (`obs=` s
   must sample exactly those (plus its `obs=` sites), with the same shapes.
 * `adapter.log_joint(x, z)` is $\log p(x, z)$ as `numpyro.infer.util.log_density` computes it
   (every sample site's log-density, times its `scale`, summed). `x` is `None` for the data
-  bound at construction, or a dict `{observed site: value}` that replaces those values (so
-  one adapter can be vmapped over data points when the guide does not read the data).
+  bound at construction, or a dict `{observed site: value}` of the same shapes that replaces
+  those values (so one adapter can be vmapped over data sets when the guide does not read the
+  data).
 * `adapter.proposal(params)` is $q(z)$, the guide run with its `param` sites set from `params`
   (a dict, constrained values: what `numpyro.param` returns and `SVI.get_params` gives).
   Gradients flow to `params`. To optimise in unconstrained space, as SVI does, differentiate
@@ -29,8 +30,8 @@ with (as `SVI.init` and `svi.update` do), the observed data among them (`obs=` s
 * A model with `param` sites of its own (a decoder, say) is evaluated with
   `adapter.log_joint_with(params)`, which returns a `log_joint(x, z)` closed over them.
 * An amortised guide (one that reads the data) sees the data bound at construction: build the
-  adapter inside the function you vmap over data points (construction only traces). `x` must
-  have the shapes of that data (NumPyro would broadcast another shape into a wrong number).
+  adapter inside the function you vmap over data points (construction only traces). A
+  replacing `x` of another shape is refused: NumPyro would broadcast it into a wrong number.
 * Autoguides (`AutoNormal`, ...) work: `from_numpyro` sets one up with a concrete call, as
   `SVI.init` does, before its abstract trace.
 
