@@ -11,7 +11,10 @@ training step of the IWAE model, the per-example and per-sample keys added two s
 `fold_in_many` computes the identical keys (Threefry-2x32 of the counter pair `(0, data)` under
 the key, as `jax.random.fold_in` does; tested bit for bit) with the twenty rounds written out as
 elementwise `uint32` arithmetic, which XLA fuses into one pass. Keys of another implementation
-(`impl="rbg"`, ...) go to `jax.random.fold_in`.
+(`impl="rbg"`, ...) go to `jax.random.fold_in`. With those, draws are valid but the estimators'
+reproducibility contract does not hold: JAX's rbg bits under `vmap` differ from a single draw's,
+so the samples depend on `chunk_size` and a `vmap` over data points differs from a Python loop
+(Threefry keys, the default, keep it).
 
 **`normal`**: standard normal `float32` draws with half of `jax.random.normal`'s hashing. Each
 Threefry-2x32 block (one counter pair in, two 32-bit words out) gives two draws here; JAX's

@@ -152,34 +152,54 @@ def _parse(argv):
     `args.given` names the settings given (on the command line or in `--config`)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.run_dir = Path(os.path.expanduser(args.run_dir))
     if args.command != "train":
         return args
     train = _train_parser(parser)
     actions = {action.dest: action for action in train._actions if action.dest not in ("help", "config")}
     settings = {}
     if args.config is not None:
-        try:
-            settings = json.loads(args.config.read_text())
-        except FileNotFoundError:
-            raise SystemExit(f"elbojax: --config {args.config} does not exist") from None
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"elbojax: --config {args.config} is not valid JSON: {error}") from None
-        settings = _settings(settings, actions, f"--config {args.config}")
+        settings = _settings(_read_json(args.config, f"--config {args.config}"), actions, f"--config {args.config}")
         train.set_defaults(**settings)
         args = parser.parse_args(argv)
     given = _given_flags(argv) | set(settings)
+    args.run_dir = Path(os.path.expanduser(args.run_dir))  # "~/runs" in a --config file too
     saved = args.run_dir / "config.json"
     if args.resume and saved.exists():  # (without one, _resolve_run says so)
-        try:
-            run_settings = json.loads(saved.read_text())
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"elbojax: {saved} is not valid JSON: {error}") from None
-        run_settings = _settings(run_settings, actions, str(saved))
+        run_settings = _settings(_read_json(saved, str(saved)), actions, str(saved))
         # Not --steps: left out, a resumed run keeps its own length (_config_from, _resolve_run).
         train.set_defaults(**{name: value for name, value in run_settings.items() if name not in given and name != "steps"})
         args = parser.parse_args(argv)
     args.given = given
     return args
+
+
+def _read_json(path: Path, source: str):
+    """The JSON in `path`, or a one-line error that says what is wrong with the file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"elbojax: {source} does not exist") from None
+    except IsADirectoryError:
+        raise SystemExit(f"elbojax: {source} is a folder, not a JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"elbojax: {source} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"elbojax: {source} cannot be read: {error}") from None
+
+
+def _run_config(run_dir: Path) -> dict:
+    """A run folder's config.json for `evaluate` and `impute`, checked like a --config file."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"elbojax: {run_dir} is not a run folder (no config.json)")
+    config = _read_json(path, str(path))
+    train = _train_parser(_parser())
+    _settings(config, {a.dest: a for a in train._actions if a.dest not in ("help", "config")}, str(path))
+    missing = [key for key in ("data", "latent_dim", "hidden", "seed") if key not in config]
+    if missing:
+        raise SystemExit(f"elbojax: {path} is not a run's config.json: it lacks {missing}")
+    return config
 
 
 def _settings(settings, actions: dict, source: str) -> dict:
@@ -334,14 +354,20 @@ def _optimizer(config: dict):
     return make[config.get("optimizer", "adam")](_learning_rate(config))
 
 
-def _load_data(name: str, data_dir, download: bool):
+def _load_dataset(name: str, data_dir, download: bool):
+    """The data set `name` (its loader's own errors: `FileNotFoundError`, `ValueError`, ...)."""
     from elbojax import data
 
     if name == "embedded":
         return data.load_embedded_mnist()
     loaders = {"mnist": data.load_mnist, "fashion-mnist": data.load_fashion_mnist, "binarized-mnist": data.load_binarized_mnist}
+    return loaders[name](data_dir, download=download)
+
+
+def _load_data(name: str, data_dir, download: bool):
+    """`_load_dataset` for the command line: its errors as one line."""
     try:
-        return loaders[name](data_dir, download=download)
+        return _load_dataset(name, data_dir, download)
     except (OSError, ValueError) as error:  # missing, corrupt or truncated files; a failed download
         hint = " (on the command line: `elbojax train --download`, or --data-dir FOLDER)" if isinstance(error, FileNotFoundError) else ""
         raise SystemExit(f"elbojax: --data {name}: {error}{hint}") from None
@@ -449,13 +475,20 @@ def _resolve_run(args, config: dict) -> dict:
 
     run_dir: Path = args.run_dir
     saved = run_dir / "config.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SystemExit(f"elbojax: --run-dir {run_dir} is a file; give a folder (new or a run's)")
     if not args.resume:
         if saved.exists():
             raise SystemExit(f"elbojax: {run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir")
+        if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+            raise SystemExit(
+                f"elbojax: {run_dir} holds checkpoints but no config.json (written by `train.fit`?); a new run "
+                "would take them over: choose another --run-dir"
+            )
         return config
     if not saved.exists():
         raise SystemExit(f"elbojax: --resume given but {saved} does not exist; start a new run without --resume")
-    previous = json.loads(saved.read_text())
+    previous = _read_json(saved, str(saved))
     changed = [key for key in RESUME_FIXED_KEYS if previous.get(key, config[key]) != config[key]]
     if changed:
         details = ", ".join(f"{key}: checkpoint {previous.get(key)!r}, flags {config[key]!r}" for key in changed)
@@ -527,7 +560,7 @@ def _print_evaluation(result) -> None:
         ("bits per dimension", f"{result.bits_per_dim:.4f}"),
         ("ELBO", f"{result.elbo:.2f} nats"),
         ("KL(q || prior)", f"{result.kl:.2f} nats"),
-        ("active units", f"{result.active_units} of {result.latent_dim}" if result.active_units >= 0 else "n/a (no closed-form E_q[z])"),
+        ("active units", f"{result.active_units} of {result.latent_dim}" if result.active_units >= 0 else "n/a (needs E_q[z] in closed form, finite, at 2 or more test points)"),
         ("test points", f"{result.num_points}"),
     ]
     width = max(len(name) for name, _ in rows)
@@ -580,7 +613,7 @@ def load_run(run_dir, data_dir=None):
     Its data (for the model's sizes and output bias) come from `data_dir`, else the run's own folder."""
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    return _restore(run_dir, config, _load_data(config["data"], data_dir or config.get("data_dir"), False))
+    return _restore(run_dir, config, _load_dataset(config["data"], data_dir or config.get("data_dir"), False))
 
 
 def _restore(run_dir: Path, config: dict, dataset, mesh=None):
@@ -649,12 +682,9 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from flax import nnx
 
-    config_path = args.run_dir / "config.json"
-    if not config_path.exists():
-        raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")
     if args.eval_samples < 1 or args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-samples must be >= 1 and --eval-points >= 0, got {args.eval_samples} and {args.eval_points}")
-    config = json.loads(config_path.read_text())
+    config = _run_config(args.run_dir)
     if args.gaps and config.get("model", "vae") != "vae":
         raise SystemExit("elbojax: --gaps needs a one-layer VAE (a diagonal Gaussian encoder); this run is a two-layer model")
     if args.gaps and (args.gap_points < 1 or args.gap_steps < 1):
@@ -706,10 +736,7 @@ def _impute(args) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _check_seed_flag(args.seed)
-    config_path = args.run_dir / "config.json"
-    if not config_path.exists():
-        raise SystemExit(f"elbojax: {args.run_dir} is not a run folder (no config.json)")
-    config = json.loads(config_path.read_text())
+    config = _run_config(args.run_dir)
     dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
     model = _restored_for_command(args.run_dir, config, dataset)
     test = _test_data(dataset.test.images, config)

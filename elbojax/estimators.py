@@ -32,7 +32,9 @@ weights are negligible and a rare sample dominates: the estimate jumps.
 with $K$. Sample $k$'s key is `fold_in(key, k)` on every path, so the same key gives the same
 samples and, up to float rounding, the same value for any `chunk_size`; and the first $K$
 samples of a $K' > K$ draw are exactly the $K$-sample draw (so one `log_weights` call at the
-largest $K$ serves a whole sweep over $K$). Each chunk is
+largest $K$ serves a whole sweep over $K$). This holds for Threefry keys, JAX's default; with
+`impl="rbg"` keys JAX's draws under `vmap` differ from single ones, so the samples then depend
+on `chunk_size` (see `elbojax._keys`). Each chunk is
 rematerialised (`jax.checkpoint`) on the backward pass, so gradients keep the same memory
 bound (at the price of recomputing each chunk's forward pass once). The running sums are kept
 in at least float32: 16-bit log-weights (float16, bfloat16) give a float32 estimate, since a

@@ -213,7 +213,9 @@ class MultivariateNormalDiag(distrax.MultivariateNormalDiag):
                 shape = jnp.broadcast_shapes(loc.shape, other_loc.shape, other_scale.shape)
             except ValueError:
                 shape = None  # distrax says what is wrong
-            if shape == loc.shape:
+            # The same event shape (as distrax requires): a (1,) prior broadcast over d dimensions
+            # would be another prior.
+            if shape == loc.shape and tuple(other_dist.event_shape) == tuple(self.event_shape):
                 return jnp.sum(kl_per_dimension(loc, scale, other_loc, other_scale), axis=-1)
         return super().kl_divergence(other_dist, **kwargs)
 

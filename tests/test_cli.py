@@ -84,8 +84,8 @@ def test_a_batch_larger_than_the_data_writes_no_run(tmp_path):
 def test_the_data_folder_is_the_runs_own_unless_given(tmp_path, monkeypatch):
     """config.json keeps --data-dir, so evaluate, impute and load_run find the data; --data-dir overrides it."""
     folders = []
-    load_data = cli._load_data
-    monkeypatch.setattr(cli, "_load_data", lambda name, data_dir, download: folders.append(data_dir) or load_data(name, data_dir, download))
+    load_dataset = cli._load_dataset  # what the commands and load_run all load through
+    monkeypatch.setattr(cli, "_load_dataset", lambda name, data_dir, download: folders.append(data_dir) or load_dataset(name, data_dir, download))
     run_dir, data_dir = tmp_path / "r", tmp_path / "data"
     assert cli.main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "10", "--eval-points", "5", "--eval-samples", "10", "--data-dir", str(data_dir)]) == 0
     assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(data_dir.absolute())
@@ -308,3 +308,41 @@ def test_other_models_and_objectives_train_end_to_end(tmp_path, flags):
     assert np.isfinite(evaluation["log_likelihood"]) and np.isfinite(evaluation["kl"])
     model = cli.load_run(run_dir)
     assert type(model).__name__ == ("TwoLayerVAE" if "two-layer" in flags else "VAE")
+
+
+def test_plausible_slips_are_one_line_errors(run, tmp_path, monkeypatch):
+    """Each was a traceback, or (checkpoints without config.json) a new run silently taking over
+    another's checkpoints."""
+    with pytest.raises(SystemExit, match=r"--config .* is a folder, not a JSON file"):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--config", str(run)])
+    with pytest.raises(SystemExit, match=r"--config .* is not valid JSON"):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--config", str(run / "samples.png")])
+    for name, text, message in (("cut", '{"data": "embedded", "lat', r"config.json is not valid JSON"),
+                                ("foreign", '{"name": "other tool"}', r"config.json has unknown settings \['name'\]"),
+                                ("partial", '{"data": "embedded"}', r"is not a run's config.json: it lacks \['latent_dim'")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+        for command in ("evaluate", "impute"):
+            with pytest.raises(SystemExit, match=message):
+                cli.main([command, str(folder)])
+    with pytest.raises(SystemExit, match=r"--run-dir .*config.json is a file"):
+        cli.main(["train", "--run-dir", str(run / "config.json"), *TINY])
+    taken = tmp_path / "checkpoints_only"
+    (taken / "checkpoints" / "10").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"holds checkpoints but no config.json"):
+        cli.main(["train", "--run-dir", str(taken), *TINY])
+    assert not (taken / "config.json").exists()
+    # In Python, load_run raises the loader's own error, not SystemExit.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()), "data": "mnist",
+                                                    "data_dir": str(tmp_path / "no_data")}))
+    with pytest.raises(FileNotFoundError):
+        cli.load_run(moved)
+    # "~" in a --config file's run_dir is the home folder, as on a command line.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(SystemExit, match=r"--run-dir .*home/file is a file"):
+        (tmp_path / "home").mkdir()
+        (tmp_path / "home" / "file").write_text("")
+        cli.main(["train", "--config", _config_file(tmp_path, {"run_dir": "~/file"}), *TINY])

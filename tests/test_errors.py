@@ -413,3 +413,14 @@ def test_second_look_at_the_sweep_fixes():
 
     # NumPy integers for row_sharding's ndim and axis.
     assert tuple(distributed.row_sharding(distributed.data_mesh(1), np.int64(2), np.int32(-1)).spec) == (None, distributed.DATA_AXIS)
+
+
+def test_the_fast_kl_path_refuses_a_prior_of_another_event_shape():
+    """A (1,) prior was broadcast over the proposal's 3 dimensions (KL 6.25), where distrax refuses it."""
+    from elbojax.proposals import MultivariateNormalDiag
+
+    q = MultivariateNormalDiag(jnp.array([0.1, -0.2, 0.3]), jnp.array([0.5, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="event_shape"):
+        q.kl_divergence(distrax.MultivariateNormalDiag(jnp.zeros(1), jnp.ones(1)))
+    same = distrax.MultivariateNormalDiag(jnp.zeros(3), jnp.ones(3))
+    np.testing.assert_allclose(q.kl_divergence(same), distrax.MultivariateNormalDiag(q.loc, q.scale_diag).kl_divergence(same), rtol=1e-5)
