@@ -40,15 +40,22 @@ def check_finite_nonnegative(value: Any, name: str) -> float:
     return float(value)
 
 
+def static_real(value: Any, name: str, expected: str):
+    """`value` as a Python real number (a NumPy or concrete 0-d JAX scalar is unwrapped), or a
+    `TypeError` saying that `name` must be `expected` (`bool` and traced values are refused)."""
+    if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == () and not isinstance(value, jax.core.Tracer):
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}.")
+    return value
+
+
 def check_finite_positive(value: Any, name: str) -> float:
     """Return `value` as a `float` if it is a static real number > 0 and finite, else raise.
 
     NumPy and 0-d JAX scalars pass (`np.float32(0.5)`); `bool` does not.
     """
-    if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == () and not isinstance(value, jax.core.Tracer):
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number > 0, got {value!r} of type {type(value).__name__}.")
+    value = static_real(value, name, "a real number > 0")
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"`{name}` must be a finite number > 0, got {value}.")
     return float(value)
@@ -64,10 +71,7 @@ def check_finite_real(value: Any, name: str) -> float:
             f"`{name}` must be a static real number, got a traced value {value}. Mark it static, "
             f"e.g. `jax.jit(f, static_argnames='{name}')`."
         )
-    if isinstance(value, (jax.Array, np.ndarray)) and jnp.shape(value) == ():
-        value = value.item()
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r} of type {type(value).__name__}.")
+    value = static_real(value, name, "a real number")
     if not np.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value}.")
     return float(value)

@@ -152,11 +152,11 @@ def _parse(argv):
     `args.given` names the settings given (on the command line or in `--config`)."""
     parser = _parser()
     args = parser.parse_args(argv)
-    args.run_dir = Path(os.path.expanduser(args.run_dir))
     if args.command != "train":
+        args.run_dir = Path(os.path.expanduser(args.run_dir))
         return args
     train = _train_parser(parser)
-    actions = {action.dest: action for action in train._actions if action.dest not in ("help", "config")}
+    actions = _setting_actions(train)
     settings = {}
     if args.config is not None:
         settings = _settings(_read_json(args.config, f"--config {args.config}"), actions, f"--config {args.config}")
@@ -172,6 +172,11 @@ def _parse(argv):
         args = parser.parse_args(argv)
     args.given = given
     return args
+
+
+def _setting_actions(train: argparse.ArgumentParser) -> dict:
+    """`train`'s flags that are settings (what a --config file or a run's config.json may hold)."""
+    return {action.dest: action for action in train._actions if action.dest not in ("help", "config")}
 
 
 def _read_json(path: Path, source: str):
@@ -194,8 +199,7 @@ def _run_config(run_dir: Path) -> dict:
     if not path.is_file():
         raise SystemExit(f"elbojax: {run_dir} is not a run folder (no config.json)")
     config = _read_json(path, str(path))
-    train = _train_parser(_parser())
-    _settings(config, {a.dest: a for a in train._actions if a.dest not in ("help", "config")}, str(path))
+    _settings(config, _setting_actions(_train_parser(_parser())), str(path))
     missing = [key for key in ("data", "latent_dim", "hidden", "seed") if key not in config]
     if missing:
         raise SystemExit(f"elbojax: {path} is not a run's config.json: it lacks {missing}")

@@ -107,12 +107,16 @@ def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_si
 # ----------------------------------------------------------------------------------------------
 
 
+def _sample_keys(problem: _Problem, start, count: int):
+    """The keys of samples `start .. start + count - 1`: `fold_in(key, k)` for each."""
+    indices = start + jnp.arange(count, dtype=jnp.uint32)
+    return fold_in_many(problem.key, indices)  # = vmap(fold_in)(key, indices), one fused pass
+
+
 def _draw(problem: _Problem, start, count: int):
     """Samples `start .. start + count - 1`: `z` (leading axis `count`) and `log q(z)` `(count,)`."""
-    indices = start + jnp.arange(count, dtype=jnp.uint32)
-    keys = fold_in_many(problem.key, indices)  # = vmap(fold_in)(key, indices), one fused pass
     draw_one = lambda k: problem.proposal.sample_and_log_prob(seed=k, sample_shape=())
-    return jax.vmap(draw_one)(keys)
+    return jax.vmap(draw_one)(_sample_keys(problem, start, count))
 
 
 def _draw_points(problem: _Problem, start, count: int):
@@ -122,8 +126,8 @@ def _draw_points(problem: _Problem, start, count: int):
     if not grads.in_log_space(problem.proposal):
         z, log_q = _draw(problem, start, count)
         return z, z, log_q
-    keys = fold_in_many(problem.key, start + jnp.arange(count, dtype=jnp.uint32))
-    points = jax.vmap(lambda k: problem.proposal.sample_log_space(seed=k, sample_shape=()))(keys)
+    draw_one = lambda k: problem.proposal.sample_log_space(seed=k, sample_shape=())
+    points = jax.vmap(draw_one)(_sample_keys(problem, start, count))
     return points, grads.value_at(problem.proposal, points), problem.proposal.log_prob_from_log_space(points)
 
 

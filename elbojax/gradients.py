@@ -95,15 +95,18 @@ def stop_gradient_tree(tree):
 
 def path_only_log_prob(proposal, z):
     r"""$\log q(z)$ with its path gradient only: $\log q(z) - \log q(\bar z) + \overline{\log q(\bar z)}$."""
-    at_stopped = proposal.log_prob(stop_gradient_tree(z))
-    return proposal.log_prob(z) - at_stopped + jax.lax.stop_gradient(at_stopped)
+    return _path_only(proposal.log_prob, z)
 
 
 def path_only_log_prob_at(proposal, point):
     """`path_only_log_prob` of the sample at `point` (see `value_at`), read from `point`: for a
     proposal `in_log_space`, from its log-space point, where its log-density stays computable."""
-    at_stopped = log_prob_at(proposal, stop_gradient_tree(point))
-    return log_prob_at(proposal, point) - at_stopped + jax.lax.stop_gradient(at_stopped)
+    return _path_only(lambda p: log_prob_at(proposal, p), point)
+
+
+def _path_only(log_prob, point):
+    at_stopped = log_prob(stop_gradient_tree(point))
+    return log_prob(point) - at_stopped + jax.lax.stop_gradient(at_stopped)
 
 
 def in_log_space(proposal) -> bool:

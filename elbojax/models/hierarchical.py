@@ -47,14 +47,17 @@ class HierarchicalProposal:
     def pathwise_parts(self) -> tuple:
         r"""$q(z_1)$ and $q(z_2 \mid z_1)$ (built abstractly, no computation), for the check that
         refuses a pathwise gradient through a proposal that cannot carry one (a mixture in a layer)."""
-        probe = jax.ShapeDtypeStruct(tuple(self.first.event_shape), self.first.dtype)
-        return self.first, jax.eval_shape(self.conditional, probe)
+        return self.first, jax.eval_shape(self.conditional, self._z1_probe())
 
     def _z2_shape(self) -> tuple[int, ...]:
         """The shape of one $z_2$, from an abstract draw (any distribution that samples: a
         `distrax.Transformed` layer has no `event_shape` when built abstractly)."""
-        probe = jax.ShapeDtypeStruct(tuple(self.first.event_shape), self.first.dtype)
-        return tuple(jax.eval_shape(lambda z1: self.conditional(z1).sample(seed=jax.random.key(0)), probe).shape)
+        draw = lambda z1: self.conditional(z1).sample(seed=jax.random.key(0))
+        return tuple(jax.eval_shape(draw, self._z1_probe()).shape)
+
+    def _z1_probe(self) -> jax.ShapeDtypeStruct:
+        """One abstract $z_1$."""
+        return jax.ShapeDtypeStruct(tuple(self.first.event_shape), self.first.dtype)
 
     def _conditional_sample(self, z1, key):
         return self.conditional(z1).sample_and_log_prob(seed=key)

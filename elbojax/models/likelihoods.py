@@ -14,12 +14,9 @@ you pass your own distributions, this is where the time goes.
 
 from __future__ import annotations
 
-import numbers
-
-import jax
 import jax.numpy as jnp
-import numpy as np
 
+from elbojax import _checks
 from elbojax.models._layers import check_shape, diag_normal_log_density
 
 
@@ -123,13 +120,7 @@ def bias_from_data_mean(mean, *, clip: float = 1e-3):
       Burda, Grosse & Salakhutdinov, *Importance Weighted Autoencoders*, ICLR 2016,
       https://arxiv.org/abs/1509.00519 (code: github.com/yburda/iwae).
     """
-    if isinstance(clip, (jax.Array, np.ndarray)) and jnp.shape(clip) == () and not isinstance(clip, jax.core.Tracer):
-        clip = clip.item()
-    if isinstance(clip, (bool, np.bool_)) or not isinstance(clip, numbers.Real):
-        raise TypeError(
-            f"`clip` must be a static real number in (0, 0.5), got {clip!r} of type {type(clip).__name__} "
-            "(a traced value cannot be checked; the bias is computed once, outside `jit`)."
-        )
+    clip = _checks.static_real(clip, "clip", "a static real number in (0, 0.5) (the bias is computed once, outside `jit`)")
     if not 0.0 < clip < 0.5:
         raise ValueError(f"`clip` must lie in (0, 0.5), got {clip}.")
     p = jnp.clip(jnp.asarray(mean, dtype=jnp.result_type(float, mean)), clip, 1.0 - clip)
