@@ -17,6 +17,11 @@ import numpy as np
 from elbojax.data import check_seed  # noqa: F401 (shared here; `data` itself stays numpy-only)
 
 
+def is_int(value: Any) -> bool:
+    """Whether `value` is a static integer (a Python or NumPy int; `bool` is not one)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive_int(value: Any, name: str) -> int:
     """Return `value` as an `int` if it is a static integer >= 1, else raise."""
     if isinstance(value, jax.core.Tracer):
@@ -24,7 +29,7 @@ def check_positive_int(value: Any, name: str) -> int:
             f"`{name}` must be a static Python int (it fixes array shapes), got a traced "
             f"value {value}. Mark it static, e.g. `jax.jit(f, static_argnames='{name}')`."
         )
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"`{name}` must be an int >= 1, got {value!r} of type {type(value).__name__}.")
     if value < 1:
         raise ValueError(f"`{name}` must be an int >= 1, got {value}.")

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from elbojax import _checks
 from elbojax.reductions import effective_sample_size, widened
 
 __all__ = [
@@ -208,7 +209,7 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
 
 def _check_draws(grads: Any, axis: Any, name: str) -> list:
     """Check a pytree of stacked gradient draws; return its leaves as arrays."""
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+    if not _checks.is_int(axis):
         raise TypeError(
             f"`axis` of `{name}` must be a static Python int, got {axis!r} of type "
             f"{type(axis).__name__}. Under `jax.jit`, mark it static (`static_argnames='axis'`)."

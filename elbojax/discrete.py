@@ -44,8 +44,9 @@ these distributions expose the point they sample through (`sample_log_space`,
 from it. But a prior's `log_prob(z)` has only `z`. Then work in log space: a proposal and prior
 on the logarithm of the sample, TFP's `ExpRelaxedOneHotCategorical(τ, logits=...)` (through
 `elbojax.as_proposal`) or, for a binary Concrete, `distrax.Logistic(logits / τ, 1 / τ)` on its
-logit, with the decoder applying `exp` (or `jax.nn.sigmoid`). The change of variables is the same for $q$ and $p$, so every log
-ratio, hence the ELBO, is unchanged (the ExpConcrete of Maddison et al. 2017, appendix).
+logit, with the decoder applying `exp` (or `jax.nn.sigmoid`). The change of variables is the
+same for $q$ and $p$, so every log ratio, hence the ELBO, is unchanged (the ExpConcrete of
+Maddison et al. 2017, appendix).
 
 Shapes: `x` is one data point; `log_joint(x, z)` returns a scalar for ONE `z`; every objective here
 returns a scalar. Batch with `jax.vmap`.

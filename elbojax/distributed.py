@@ -20,7 +20,6 @@ On CPU the device count must be fixed before JAX starts its backend:
 
 from __future__ import annotations
 
-import numbers
 import os
 import socket
 import sys
@@ -127,7 +126,7 @@ def _wait_for_coordinator(host: str, port: int, timeout: float, process_id: int,
 
 def _from_environment(value, variable: str, name: str) -> int | None:
     if value is not None:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        if not _checks.is_int(value):
             raise TypeError(f"`{name}` must be an int, got {value!r} of type {type(value).__name__}.")
         return int(value)
     text = os.environ.get(variable)
@@ -171,11 +170,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def row_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
     """Split axis `axis` of an `ndim`-dimensional array over the mesh's devices."""
-    is_int = lambda value: isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-    if not is_int(ndim) or ndim < 1:
+    if not _checks.is_int(ndim) or ndim < 1:
         raise ValueError(f"`ndim` must be an int >= 1 (the array's number of axes), got {ndim!r}.")
     ndim = int(ndim)
-    if not is_int(axis) or not -ndim <= axis < ndim:
+    if not _checks.is_int(axis) or not -ndim <= axis < ndim:
         raise ValueError(f"`axis` must be an int in [-{ndim}, {ndim}) for a {ndim}-dimensional array, got {axis!r}.")
     axis = int(axis)
     spec = [None] * ndim

@@ -40,14 +40,12 @@ References:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import distrax
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from elbojax import _checks
@@ -130,7 +128,7 @@ class CouplingFlow(nnx.Module):
             raise ValueError(f"A coupling flow needs `latent_dim` >= 2 (it keeps some coordinates to transform the others), got {latent_dim}.")
         self.num_layers = _checks.check_positive_int(num_layers, "num_layers")
         hidden = check_widths(hidden)
-        if isinstance(context_dim, (bool, np.bool_)) or not isinstance(context_dim, numbers.Integral):
+        if not _checks.is_int(context_dim):
             raise TypeError(f"`context_dim` must be an int >= 0 (0: no context), got {context_dim!r} of type {type(context_dim).__name__}.")
         if context_dim < 0:
             raise ValueError(f"`context_dim` must be an int >= 0 (0: no context), got {context_dim}.")

@@ -22,12 +22,12 @@ near $\alpha = 1$ divides that number by $1 - \alpha$.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from elbojax import _checks
 
 
 class LogWeightSummary(NamedTuple):
@@ -162,9 +162,8 @@ def logmeanexp(a: jax.Array, axis: int | tuple[int, ...] | None = None, keepdims
 
 def _checked_axes(axis, shape) -> tuple[int, ...]:
     """`axis` (an int or a sequence of ints) as a tuple of axes of `shape`, each in 0..ndim-1."""
-    integer = lambda ax: isinstance(ax, numbers.Integral) and not isinstance(ax, (bool, np.bool_))
-    axes = (axis,) if integer(axis) else tuple(axis) if isinstance(axis, (tuple, list)) else None
-    if axes is None or not all(integer(ax) for ax in axes):
+    axes = (axis,) if _checks.is_int(axis) else tuple(axis) if isinstance(axis, (tuple, list)) else None
+    if axes is None or not all(_checks.is_int(ax) for ax in axes):
         raise TypeError(f"`axis` must be None, an int or a tuple of ints, got {axis!r}.")
     ndim = len(shape)
     if not all(-ndim <= ax < ndim for ax in axes):
@@ -193,7 +192,7 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
       Kish, *Survey Sampling*, 1965; Owen, *Monte Carlo theory, methods and examples*, ch. 9.
     """
     log_weights = jnp.asarray(log_weights)
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+    if not _checks.is_int(axis):
         raise TypeError(f"`axis` must be an int (the sample axis of `log_weights`), got {axis!r}.")
     if log_weights.ndim == 0:
         raise ValueError(
