@@ -163,13 +163,13 @@ def _parse(argv):
         train.set_defaults(**settings)
         args = parser.parse_args(argv)
     given = _given_flags(argv) | set(settings)
-    args.run_dir = Path(os.path.expanduser(args.run_dir))  # "~/runs" in a --config file too
-    saved = args.run_dir / "config.json"
+    saved = Path(os.path.expanduser(args.run_dir)) / "config.json"  # "~/runs" in a --config file too
     if args.resume and saved.exists():  # (without one, _resolve_run says so)
         run_settings = _settings(_read_json(saved, str(saved)), actions, str(saved))
         # Not --steps: left out, a resumed run keeps its own length (_config_from, _resolve_run).
         train.set_defaults(**{name: value for name, value in run_settings.items() if name not in given and name != "steps"})
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv)  # (this parse gives run_dir as written again: expand it after)
+    args.run_dir = Path(os.path.expanduser(args.run_dir))
     args.given = given
     return args
 

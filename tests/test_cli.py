@@ -278,6 +278,16 @@ def test_missing_config_file(tmp_path):
         cli.main(["train", "--config", str(tmp_path / "none.json")])
 
 
+def test_a_resume_named_in_a_config_file_with_a_home_path(run, tmp_path, monkeypatch):
+    """`--config` with run_dir "~/..." and `--resume`: the run's own settings come in and the
+    run folder stays the home folder's (not a relative folder named "~")."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.json").write_text((run / "config.json").read_text())
+    args = cli._parse(["train", "--config", _config_file(tmp_path, {"run_dir": "~/mine"}), "--resume"])
+    assert args.run_dir == tmp_path / "mine" and args.latent_dim == 2 and args.hidden == "32"
+
+
 def test_a_config_file_fills_in_what_the_flags_leave(tmp_path, monkeypatch):
     """A run's own config.json is a valid --config; flags on the command line win over it."""
     settings = {"objective": "elbo", "num_samples": 2, "hidden": [16, 8], "kl_warmup": 100, "beta": 0.5,
