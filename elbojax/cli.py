@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run = train.add_argument_group("run")
     run.add_argument("--config", type=Path, default=None, help="a JSON file of settings (e.g. a run's config.json)")
-    run.add_argument("--run-dir", type=Path, default=Path("runs/default"), help="the run folder (default: runs/default)")
+    run.add_argument("--run-dir", type=_user_path, default=Path("runs/default"), help="the run folder (default: runs/default)")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint (settings not given come from its config.json)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--no-progress", action="store_true")
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval-points", type=int, default=500, help="test points to evaluate at the end, evenly spaced through the test set (default 500; 0 for all)")
 
     evaluate = commands.add_parser("evaluate", help="evaluate a trained run on its test set")
-    evaluate.add_argument("run_dir", type=Path)
+    evaluate.add_argument("run_dir", type=_user_path)
     evaluate.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: the run's own, from its config.json)")
     evaluate.add_argument("--eval-samples", type=int, default=5000)
     evaluate.add_argument("--eval-points", type=int, default=0, help="test points, evenly spaced through the test set (default 0: all)")
@@ -85,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_device_flags(evaluate.add_argument_group("devices"))
 
     impute = commands.add_parser("impute", help="hide part of test digits and complete them with a trained run (importance resampling)")
-    impute.add_argument("run_dir", type=Path)
+    impute.add_argument("run_dir", type=_user_path)
     impute.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: the run's own, from its config.json)")
     impute.add_argument("--hide", choices=("top", "bottom", "left", "right"), default="top", help="the half of each digit to hide (default top)")
     impute.add_argument("--points", type=int, default=8, help="test digits to complete, evenly spaced through the test set (default 8)")
@@ -153,7 +153,6 @@ def _parse(argv):
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command != "train":
-        args.run_dir = Path(os.path.expanduser(args.run_dir))
         return args
     train = _train_parser(parser)
     actions = _setting_actions(train)
@@ -163,15 +162,20 @@ def _parse(argv):
         train.set_defaults(**settings)
         args = parser.parse_args(argv)
     given = _given_flags(argv) | set(settings)
-    saved = Path(os.path.expanduser(args.run_dir)) / "config.json"  # "~/runs" in a --config file too
+    saved = args.run_dir / "config.json"
     if args.resume and saved.exists():  # (without one, _resolve_run says so)
         run_settings = _settings(_read_json(saved, str(saved)), actions, str(saved))
         # Not --steps: left out, a resumed run keeps its own length (_config_from, _resolve_run).
         train.set_defaults(**{name: value for name, value in run_settings.items() if name not in given and name != "steps"})
-        args = parser.parse_args(argv)  # (this parse gives run_dir as written again: expand it after)
-    args.run_dir = Path(os.path.expanduser(args.run_dir))
+        args = parser.parse_args(argv)
     args.given = given
     return args
+
+
+def _user_path(text: str) -> Path:
+    """A folder flag's value with "~" expanded, also where no shell does it (`--run-dir=~/runs`,
+    a --config file, a run's config.json)."""
+    return Path(os.path.expanduser(text))
 
 
 def _setting_actions(train: argparse.ArgumentParser) -> dict:
