@@ -34,8 +34,9 @@ trains on all 60,000.
 **Files and the cache.** The loaders read `<data_dir>/mnist/`, `<data_dir>/fashion-mnist/` and
 `<data_dir>/binarized_mnist/`. `data_dir` is the argument, else `$ELBOJAX_DATA_DIR`, else
 `~/.cache/elbojax`. With `download=True` a missing file is fetched once from `base_url` (written
-to a temporary file, checked, then renamed into place, so the folder never holds a partial
-file). Every file is checked against its SHA-256 before it is parsed. The IDX files are checked
+to a temporary file, checked, then renamed into place, so no data file's name ever holds a
+partial file; a download killed midway can leave a hidden `.<name>.*.part` behind, which is never
+read). Every file is checked against its SHA-256 before it is parsed. The IDX files are checked
 as distributed (`.gz`); the binarized `.amat` files are distributed uncompressed, may also be
 kept gzipped as `<name>.amat.gz`, and are then checked after decompression. The checksums are
 what makes the plain-http default URLs safe to use.
@@ -48,9 +49,10 @@ import hashlib
 import http.client
 import importlib.resources
 import io
+import math
 import numbers
 import os
-import tempfile
+import secrets
 import urllib.error
 import urllib.request
 import zlib
@@ -151,7 +153,13 @@ _BINARIZED_MNIST_FILES = (
 
 def default_data_dir() -> Path:
     """The data folder used when none is given: `$ELBOJAX_DATA_DIR`, else `~/.cache/elbojax`."""
-    return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/elbojax").expanduser()
+    try:
+        return Path(os.environ.get(DATA_DIR_ENV) or "~/.cache/elbojax").expanduser()
+    except RuntimeError as error:  # no $HOME and no passwd entry: "~" has no meaning
+        raise FileNotFoundError(
+            f"No data folder: pass `data_dir`, or set ${DATA_DIR_ENV}; the default "
+            f"~/.cache/elbojax needs a home folder, and this process has none ({error})."
+        ) from error
 
 
 def load_embedded_mnist() -> Dataset:
@@ -230,6 +238,7 @@ def load_binarized_mnist(
       A `Dataset` of `bool[n, 28, 28]` images; the labels are `None`, as the files carry none.
       (The test images turn out to be one sample of the MNIST test digits sorted by class.)
     """
+    merge_train_valid = _check_bool(merge_train_valid, "merge_train_valid")
     files = _read_files("binarized_mnist", _BINARIZED_MNIST_FILES, data_dir, download, base_url)
     train, valid, test = (_parse_binarized_amat(data, source) for data, source in files)
     if merge_train_valid:
@@ -245,7 +254,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     Returns:
       The array with the shape and (native-endian) dtype that the file's header states.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     data = path.read_bytes()
     if data[:2] == b"\x1f\x8b":
         data = _gunzip(data, path)
@@ -281,6 +290,9 @@ def _empty_like(split: Split) -> Split:
 
 def _read_files(folder, files, data_dir, download, base_url) -> list[tuple[bytes, str]]:
     """The verified contents of `files` (as distributed, so IDX files are still gzipped)."""
+    _check_bool(download, "download")
+    if not (isinstance(base_url, str) and base_url.endswith("/")):
+        raise ValueError(f"`base_url` must be a URL ending in '/', got {base_url!r}.")
     directory = (default_data_dir() if data_dir is None else Path(data_dir).expanduser()) / folder
     return [_read_file(directory, file, download, base_url) for file in files]
 
@@ -290,7 +302,7 @@ def _read_file(directory: Path, file: _File, download: bool, base_url: str) -> t
     for name in names:
         path = directory / name
         if path.is_file():
-            return _verified(path.read_bytes(), name, file, str(path)), str(path)
+            return _verified(path.read_bytes(), name, file, str(path), _STORED_REMEDY), str(path)
     if not download:
         looked = " or ".join(str(directory / name) for name in names)
         raise FileNotFoundError(
@@ -307,9 +319,12 @@ def _stored_names(file: _File) -> tuple[str, ...]:
     return (file.name,) if file.name.endswith(".gz") else (file.name, file.name + ".gz")
 
 
-def _verified(raw: bytes, stored_name: str, file: _File, source: str) -> bytes:
+_STORED_REMEDY = "Delete it and load again with `download=True`, or replace it with a good copy."
+_DOWNLOAD_REMEDY = "Nothing was stored. Check that `base_url` serves the official files."
+
+
+def _verified(raw: bytes, stored_name: str, file: _File, source: str, remedy: str) -> bytes:
     """The contents of `file`, stored as `stored_name`, after checking its sha256."""
-    remedy = "Delete it and load again with `download=True`, or replace it with a good copy."
     if stored_name == file.name:
         data = raw
     else:
@@ -320,6 +335,8 @@ def _verified(raw: bytes, stored_name: str, file: _File, source: str) -> bytes:
                 f"{source} is corrupt: it should be a gzipped copy of {file.name} (sha256 "
                 f"{file.sha256} once decompressed) but does not decompress ({error}). {remedy}"
             ) from error
+    if stored_name != file.name:
+        source += " (once decompressed)"
     _check_sha256(data, file.sha256, source, remedy)
     return data
 
@@ -331,7 +348,7 @@ def _download(directory: Path, file: _File, base_url: str) -> tuple[bytes, str]:
         urls.append(base_url + name)
         raw = _fetch(urls[-1])
         if raw is not None:
-            data = _verified(raw, name, file, f"The download {urls[-1]}")
+            data = _verified(raw, name, file, f"The download {urls[-1]}", _DOWNLOAD_REMEDY)
             directory.mkdir(parents=True, exist_ok=True)
             _write_atomically(directory / name, raw)
             return data, str(directory / name)
@@ -355,13 +372,15 @@ def _fetch(url: str) -> bytes | None:
 
 def _write_atomically(path: Path, data: bytes) -> None:
     # A reader, or a second process downloading the same file, sees the whole file or none.
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    # os.open with 0o666 gives the mode a plain write would (the umask applies; mkstemp's is 0600).
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
 
 
@@ -401,7 +420,7 @@ def _parse_idx(data: bytes, source: str) -> np.ndarray:
             f"{source}: the IDX header is cut short ({len(data)} bytes, expected {header})."
         )
     shape = tuple(int(n) for n in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(data) != expected:
         raise ValueError(
             f"{source}: the IDX header states shape {shape} of {dtype.name}, which takes "
@@ -465,6 +484,11 @@ def dynamic_binarize(
     images = _check_grey_levels(images, "images")
     rng = _rng(_DYNAMIC_STREAM, seed=seed, epoch=epoch, step=step)
     if rows is None:
+        if batch_size is not None:
+            raise TypeError(
+                "`batch_size` is only used with `rows` (the slice of the batch that `images` "
+                "holds); without `rows`, `images` is the whole batch."
+            )
         return _bernoulli(images, rng, dtype)
     if not isinstance(rows, slice):
         raise TypeError(f"`rows` must be a slice of the batch (e.g. slice(0, 50)), got {type(rows).__name__}.")
@@ -708,6 +732,12 @@ def _check_int_at_least(value: Any, name: str, low: int) -> int:
     if value < low:
         raise ValueError(f"`{name}` must be an int >= {low}, got {value}.")
     return int(value)
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be True or False, got {value!r} of type {type(value).__name__}.")
+    return bool(value)
 
 
 def _check_nonnegative_int(value: Any, name: str) -> int:

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import itertools
+import os
 import threading
 import tomllib
 from pathlib import Path
@@ -168,6 +169,10 @@ def test_download_into_the_cache_then_load_without_the_server(tmp_path, monkeypa
         assert hashlib.sha256(stored).hexdigest() == file.sha256
     stored_names = sorted(path.name for path in (tmp_path / "mnist").iterdir())
     assert stored_names == sorted(file.name for file in data._MNIST_FILES)  # no partial files left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in data._MNIST_FILES:  # the mode a plain write gives, so a shared cache is readable
+        assert (tmp_path / "mnist" / file.name).stat().st_mode & 0o777 == 0o666 & ~umask
 
     # The server is gone: the cache is used (here found through the environment variable).
     monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
@@ -203,6 +208,7 @@ def test_a_corrupt_download_is_refused_and_not_stored(tmp_path, short_timeout):
     assert f"{url}mnist/t10k-labels-idx1-ubyte.gz" in message
     assert f"expected {MNIST_T10K_LABELS_SHA256}" in message
     assert f"its sha256 is {hashlib.sha256(truncated).hexdigest()}" in message
+    assert "Nothing was stored" in message and "Delete it" not in message
     assert not (cache / "mnist" / "t10k-labels-idx1-ubyte.gz").exists()
     assert not list((cache / "mnist").glob(".*part"))
 
@@ -248,7 +254,7 @@ def test_a_corrupt_gzipped_copy_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"binarized_mnist_train\.amat\.gz is corrupt: .* does not decompress"):
         data.load_binarized_mnist(tmp_path)
     (folder / "binarized_mnist_train.amat.gz").write_bytes(gzip.compress(b"0 1\n"))
-    with pytest.raises(ValueError, match=r"its sha256 is [0-9a-f]{64}, expected ad693b29"):
+    with pytest.raises(ValueError, match=r"\(once decompressed\) is corrupt .* its sha256 is [0-9a-f]{64}, expected ad693b29"):
         data.load_binarized_mnist(tmp_path)
 
 
@@ -266,6 +272,31 @@ def test_a_missing_file_says_where_it_looked_and_how_to_get_it(tmp_path):
 def test_the_default_data_folder(monkeypatch):
     monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
     assert data.default_data_dir() == Path.home() / ".cache" / "elbojax"
+
+
+def test_without_a_home_folder_the_default_data_folder_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(Path, "expanduser", lambda self: (_ for _ in ()).throw(RuntimeError("no home")))
+    with pytest.raises(FileNotFoundError, match=r"pass `data_dir`, or set \$ELBOJAX_DATA_DIR"):
+        data.load_mnist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"download": "no"}, TypeError, r"`download` must be True or False, got 'no' of type str"),
+        ({"download": 1}, TypeError, r"`download` must be True or False, got 1 of type int"),
+        ({"base_url": "http://127.0.0.1:9/mnist"}, ValueError, r"`base_url` must be a URL ending in '/'"),
+    ],
+)
+def test_bad_download_arguments_are_refused_before_reading(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        data.load_mnist(tmp_path, **kwargs)
+
+
+def test_merge_train_valid_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match=r"`merge_train_valid` must be True or False, got 'False'"):
+        data.load_binarized_mnist(tmp_path, merge_train_valid="False")
 
 
 def test_bad_num_valid_is_refused_before_reading(tmp_path):
@@ -292,6 +323,19 @@ def test_read_idx_reads_the_header_shape_and_big_endian_values(tmp_path):
         read = data.read_idx(tmp_path / name)
         assert read.shape == (2, 3, 2) and read.dtype == np.int16 and read.dtype.isnative
         np.testing.assert_array_equal(read, values)
+
+
+def test_read_idx_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "a.idx").write_bytes(idx_bytes(np.arange(3, dtype=np.uint8), 0x08))
+    np.testing.assert_array_equal(data.read_idx("~/a.idx"), [0, 1, 2])
+
+
+def test_read_idx_states_the_true_size_of_a_huge_header(tmp_path):
+    # 65536**4 bytes wraps to 0 in int64; Python ints state it exactly.
+    (tmp_path / "huge.idx").write_bytes(b"\x00\x00\x08\x04" + np.full(4, 65536, ">u4").tobytes())
+    with pytest.raises(ValueError, match=rf"which takes {20 + 65536**4} bytes, but the file has 20"):
+        data.read_idx(tmp_path / "huge.idx")
 
 
 @pytest.mark.parametrize(
@@ -349,6 +393,8 @@ def test_dynamic_binarization_is_fixed_by_seed_epoch_and_step(grey):
         data.dynamic_binarize(batch[:2], seed=3, epoch=1, step=7, rows=slice(0, 2))
     with pytest.raises(TypeError, match=r"`rows` must be a slice of the batch"):  # was "range indices must be integers"
         data.dynamic_binarize(batch[:2], seed=3, epoch=1, step=7, rows=[0, 1], batch_size=64)
+    with pytest.raises(TypeError, match=r"`batch_size` is only used with `rows`"):  # was ignored
+        data.dynamic_binarize(batch[32:], seed=3, epoch=1, step=7, batch_size=64)
 
 
 @pytest.mark.parametrize(
