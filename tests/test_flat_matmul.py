@@ -80,6 +80,16 @@ def test_flat_matmul_is_one_2d_product_after_two_vmaps():
     assert "contracting_dims = [0, 1] x [0, 1]" in plain_text  # what it avoids
 
 
+@pytest.mark.parametrize("x_shape, kernel_shape", [((3, 0), (0, 5)), ((2, 3, 4), (4, 0)), ((0, 4), (4, 5))])
+def test_flat_matmul_handles_zero_size_axes(x_shape, kernel_shape):
+    x, kernel = jnp.ones(x_shape), jnp.ones(kernel_shape)
+    np.testing.assert_array_equal(flat_matmul(x, kernel), x @ kernel)
+    grads = jax.grad(lambda x, w: flat_matmul(x, w).sum(), argnums=(0, 1))(x, kernel)
+    expected = jax.grad(lambda x, w: (x @ w).sum(), argnums=(0, 1))(x, kernel)
+    for got, want in zip(grads, expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_flat_matmul_errors():
     with pytest.raises(ValueError, match=r"x \(\.\.\., n\) and kernel \(n, m\); got x \(3, 4\) and kernel \(5, 6\)"):
         flat_matmul(jnp.ones((3, 4)), jnp.ones((5, 6)))

@@ -190,6 +190,33 @@ def test_bias_from_data_mean_is_the_clipped_logit(x64):
         bias_from_data_mean(mean, clip=0.5)
 
 
+def test_bias_from_data_mean_stays_finite_for_a_tiny_clip_in_float32():
+    # 1 - 1e-8 rounds to 1 in float32, whose logit is inf; the bias is bounded by the clip's logit.
+    bias = bias_from_data_mean(jnp.array([0.0, 1.0, 0.5], jnp.float32), clip=1e-8)
+    assert bias.dtype == jnp.float32
+    np.testing.assert_allclose(bias, [-np.log(1e8 - 1), np.log(1e8 - 1), 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mean, match",
+    [
+        (np.array([0.2, np.nan]), r"got nan at index \(1,\) \(1 of 2 values\)\.$"),
+        (np.array([0.0, 255.0, 3.0]), r"got 255.0 at index \(1,\) \(2 of 3 values\)\. Grey levels 0..255 must be divided by 255"),
+        (np.array([-0.1, 0.5]), r"got -0.1 at index \(0,\)"),
+    ],
+)
+def test_bias_from_data_mean_refuses_means_outside_the_unit_interval(mean, match):
+    with pytest.raises(ValueError, match=r"`mean` must be per-pixel means in \[0, 1\], " + match):
+        bias_from_data_mean(mean)
+
+
+def test_likelihoods_and_priors_take_python_lists():
+    np.testing.assert_allclose(bernoulli_log_likelihood([1.0, 0.0], [0.0, 0.0]), 2 * np.log(0.5), rtol=1e-6)
+    np.testing.assert_allclose(gaussian_log_likelihood([1.0, 2.0], [0.0, 0.0], 0.0), -2.5 - np.log(2 * np.pi), rtol=1e-6)
+    np.testing.assert_allclose(StandardNormalPrior(2).log_prob([0.0, 0.0]), -np.log(2 * np.pi), rtol=1e-6)
+    np.testing.assert_allclose(bias_from_data_mean([0.2, 0.5]), [np.log(0.25), 0.0], rtol=1e-6)
+
+
 def test_output_bias_initialises_the_decoder_to_the_data_mean():
     mean = np.array([0.0, 0.1, 0.5, 0.8, 1.0])
     bias = bias_from_data_mean(mean)
@@ -380,6 +407,16 @@ def test_two_layer_log_joint_matches_numpy(x64):
     assert jax.eval_shape(lambda: model.reconstruct(jax.random.key(0), X3)).shape == (3,)
 
 
+def test_two_layer_takes_an_int_seed_and_numpy_sizes():
+    model = TwoLayerVAE(DATA_DIM, np.array([3, 2]), hidden_q=((5,), (4,)), hidden_p=((4,), (5,)), rngs=nnx.Rngs(0))
+    z, log_q = model.proposal(X6).sample_and_log_prob(seed=7)  # an int seed, as distrax accepts
+    again, _ = model.proposal(X6).sample_and_log_prob(seed=jax.random.PRNGKey(7))
+    assert z["z1"].shape == (3,) and z["z2"].shape == (2,) and log_q.shape == ()
+    np.testing.assert_array_equal(z["z1"], again["z1"])
+    with pytest.raises(ValueError, match=r"`latent_dims` must be a tuple or list of two entries"):
+        TwoLayerVAE(DATA_DIM, (3, 2, 1), rngs=nnx.Rngs(0))
+
+
 def test_two_layer_defaults_are_the_iwae_architecture():
     model = nnx.eval_shape(lambda: TwoLayerVAE(rngs=nnx.Rngs(0)))  # shapes only, nothing computed
     widths = lambda m: [(layer.in_features, layer.out_features) for layer in m.trunk.layers]
@@ -497,7 +534,7 @@ def test_elbo_rejects_bad_kl_choices():
         vae.elbo(key, X6, kl="exact")
     with pytest.raises(ValueError, match=r"kl='analytic' .* only the reparameterisation gradient; got gradient='stl'"):
         vae.elbo(key, X6, kl="analytic", gradient="stl")
-    with pytest.raises(ValueError, match=r"and TwoLayerVAE has none"):
+    with pytest.raises(ValueError, match=r"and TwoLayerVAE has none for its proposal and prior \(both are hierarchical"):
         two_layer.elbo(key, X6, kl="analytic")
     assert not two_layer.has_analytic_kl and two_layer.kl_mode() == "monte_carlo"
     ours, expected = _jit(
@@ -533,6 +570,8 @@ def test_wrong_shapes_raise_at_trace_time():
         jax.jit(vae.log_joint)(batch, jnp.zeros(2))
     with pytest.raises(ValueError, match=r"`z` must have shape \(2,\) \(ONE latent sample"):
         jax.jit(vae.log_joint)(X6, jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"`z` must have shape \(2,\) \(ONE latent sample"):
+        jax.jit(vae.log_prior)(jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match=r"`z` must be a dict \{'z1': \(3,\), 'z2': \(2,\)\}"):
         jax.eval_shape(two_layer.log_joint, X6, jnp.zeros(5))
     with pytest.raises(ValueError, match=r"`z\['z2'\]` must have shape \(2,\)"):

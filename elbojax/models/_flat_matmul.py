@@ -21,6 +21,8 @@ different weights) falls back to an ordinary batched product.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -50,7 +52,7 @@ def flat_matmul(x, kernel):
 
 def _as_rows(x):
     """`(..., n) -> (N, n)`: a free reshape of the leading axes of a row-major array."""
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not -1: a zero-size axis has no inference
 
 
 def _expanded(x, kernel):

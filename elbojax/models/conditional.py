@@ -167,7 +167,8 @@ class _LabelConditioned(nnx.Module):
         return self.decoder(jnp.concatenate([z, self._label(y, z.dtype)]))
 
     def log_prior(self, z):
-        r"""$\log p(z)$: a scalar."""
+        r"""$\log p(z)$ for one `z` of shape `(latent_dim,)`: a scalar."""
+        check_shape(z, (self.latent_dim,), "z", " (ONE latent sample)")
         return self.prior.log_prob(z)
 
     def decode_mean(self, z, y):

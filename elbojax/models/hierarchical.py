@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from elbojax import _checks
@@ -63,6 +64,8 @@ class HierarchicalProposal:
         return self.conditional(z1).sample_and_log_prob(seed=key)
 
     def sample_and_log_prob(self, *, seed, sample_shape=()):
+        if isinstance(seed, int):  # as distrax accepts
+            seed = jax.random.PRNGKey(seed)
         sample_shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
         key_first, key_second = jax.random.split(seed)
         z1, log_q1 = self.first.sample_and_log_prob(seed=key_first, sample_shape=sample_shape)
@@ -210,7 +213,7 @@ class TwoLayerVAE(nnx.Module):
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
         """Always `"monte_carlo"`; `kl="analytic"` is a `ValueError` (no closed form)."""
-        return resolve_kl(kl, gradient, False, "TwoLayerVAE")  # both q and p are hierarchical
+        return resolve_kl(kl, gradient, False, "TwoLayerVAE", "(both are hierarchical: p(z1 | z2) and q(z2 | z1, x))")
 
     def elbo(self, key, x, *, num_samples: int = 1, kl: str = "auto", gradient: str = "reparam", chunk_size=None):
         r"""The Monte Carlo ELBO $\frac1K \sum_k \log p_\theta(x, z_k) - \log q_\phi(z_k \mid x)$ (`elbojax.elbo`).
@@ -225,6 +228,8 @@ class TwoLayerVAE(nnx.Module):
 
 
 def _pair(value, name: str):
-    if not isinstance(value, Sequence) or len(value) != 2:
-        raise ValueError(f"`{name}` must have two entries (one per stochastic layer), got {value!r}.")
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise ValueError(f"`{name}` must be a tuple or list of two entries (one per stochastic layer), got {value!r}.")
     return tuple(value)

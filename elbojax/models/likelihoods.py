@@ -14,7 +14,11 @@ you pass your own distributions, this is where the time goes.
 
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from elbojax import _checks
 from elbojax.models._layers import check_shape, diag_normal_log_density
@@ -54,6 +58,7 @@ def bernoulli_log_likelihood(x, logits):
     Returns:
       A scalar.
     """
+    x, logits = jnp.asarray(x), jnp.asarray(logits)
     check_shape(logits, jnp.shape(x), "logits", " (the shape of `x`)")
     return -jnp.sum(softplus(signed_logits(x, logits)))
 
@@ -97,6 +102,7 @@ def gaussian_log_likelihood(x, mean, log_scale):
     Returns:
       A scalar.
     """
+    x, mean, log_scale = jnp.asarray(x), jnp.asarray(mean), jnp.asarray(log_scale)
     shape = check_gaussian_arguments(x, mean, log_scale)
     return diag_normal_log_density(jnp.ravel(x), jnp.ravel(mean), jnp.ravel(jnp.broadcast_to(log_scale, shape)))
 
@@ -110,8 +116,9 @@ def bias_from_data_mean(mean, *, clip: float = 1e-3):
     the bias finite for pixels that are always 0 (or 1) in the training set.
 
     Args:
-      mean: the per-pixel mean of the (binary) training data, any shape, values in `[0, 1]`.
-      clip: in `(0, 0.5)`.
+      mean: the per-pixel mean of the (binary) training data, any shape, values in `[0, 1]`
+        (checked when concrete: NaN, or grey levels not divided by 255, are a `ValueError`).
+      clip: in `(0, 0.5)`. The bias lies within $\pm\log\frac{1 - c}{c}$, finite in any dtype.
 
     Returns:
       An array of the shape of `mean` (floating point), to pass as `output_bias`.
@@ -123,5 +130,23 @@ def bias_from_data_mean(mean, *, clip: float = 1e-3):
     clip = _checks.static_real(clip, "clip", "a static real number in (0, 0.5) (the bias is computed once, outside `jit`)")
     if not 0.0 < clip < 0.5:
         raise ValueError(f"`clip` must lie in (0, 0.5), got {clip}.")
-    p = jnp.clip(jnp.asarray(mean, dtype=jnp.result_type(float, mean)), clip, 1.0 - clip)
-    return jnp.log(p) - jnp.log1p(-p)
+    mean = jnp.asarray(mean, dtype=jnp.result_type(float, jnp.asarray(mean)))
+    if not isinstance(mean, jax.core.Tracer):
+        _check_probabilities(mean)
+    p = jnp.clip(mean, clip, 1.0 - clip)
+    # In float32 a small clip's 1 - clip rounds to 1, whose logit is inf: bound the bias by the
+    # clip's logit, computed in Python's float64 (for other clips this moves it by an ulp at most).
+    largest = math.log1p(-clip) - math.log(clip)
+    return jnp.clip(jnp.log(p) - jnp.log1p(-p), -largest, largest)
+
+
+def _check_probabilities(mean) -> None:
+    mean = np.asarray(mean)
+    bad = ~((mean >= 0) & (mean <= 1))  # NaN is bad too
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        hint = " Grey levels 0..255 must be divided by 255 first." if np.nanmax(mean) > 1 else ""
+        raise ValueError(
+            f"`mean` must be per-pixel means in [0, 1], got {mean[index]!s} at index {index} "
+            f"({int(bad.sum())} of {mean.size} values).{hint}"
+        )

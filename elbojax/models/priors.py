@@ -52,6 +52,7 @@ class StandardNormalPrior(nnx.Module):
 
     def log_prob(self, z):
         r"""$-\tfrac12 \sum_i (z_i^2 + \log 2\pi)$ for `z` of shape `(..., latent_dim)`."""
+        z = jnp.asarray(z)
         check_last_axis(z, self.latent_dim, "z")
         return -0.5 * jnp.sum(z**2 + LOG_2PI, axis=-1)
 
@@ -90,6 +91,7 @@ class MixturePrior(nnx.Module):
 
     def log_prob(self, z):
         """$\\log p(z)$ for `z` of shape `(..., latent_dim)`, by a logsumexp over the components."""
+        z = jnp.asarray(z)
         check_last_axis(z, self.latent_dim, "z")
         return _mixture_log_prob(z, jax.nn.log_softmax(self.logits[...]), self.locs[...], self.log_scales[...])
 
@@ -161,6 +163,7 @@ class VampPrior(nnx.Module):
         The components do not depend on `z`: vmapped over samples (as the estimators do) the
         encoder runs once on the pseudo-inputs, not once per sample.
         """
+        z = jnp.asarray(z)
         check_last_axis(z, self.latent_dim, "z")
         locs, scales = self.components()
         log_weights = jnp.full(self.num_components, -math.log(self.num_components), locs.dtype)

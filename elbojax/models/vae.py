@@ -27,7 +27,7 @@ from flax import nnx
 from elbojax.estimators import elbo as mc_elbo
 from elbojax.diagnostics import kl_per_dimension
 from elbojax.estimators import elbo_analytic_kl
-from elbojax.models._layers import ONE_POINT, check_choice, check_shape
+from elbojax.models._layers import ONE_POINT, ONE_SAMPLE, check_choice, check_shape
 from elbojax.models.likelihoods import bernoulli_log_likelihood, gaussian_log_likelihood
 from elbojax.proposals import closed_form_kl
 
@@ -45,11 +45,15 @@ LIKELIHOODS = {
 }
 
 
-def resolve_kl(kl: str, gradient: str, has_closed_form: bool, model: str) -> str:
+def resolve_kl(
+    kl: str, gradient: str, has_closed_form: bool, model: str,
+    why_none: str = "(e.g. a mixture or VampPrior prior)",
+) -> str:
     """Which ELBO `kl` asks for: `"analytic"` (closed-form KL) or `"monte_carlo"`.
 
     `"auto"` is analytic where the pair has a closed form and the gradient is the plain
     reparameterisation one (`elbo_analytic_kl` offers no other), Monte Carlo otherwise.
+    `why_none` says, in the error for `kl="analytic"`, why the pair has no closed form.
     """
     check_choice(kl, KL_CHOICES, "kl")
     if kl == "auto":
@@ -62,7 +66,7 @@ def resolve_kl(kl: str, gradient: str, has_closed_form: bool, model: str) -> str
     if kl == "analytic" and not has_closed_form:
         raise ValueError(
             f"kl='analytic' needs a closed-form KL(q || prior), and {model} has none for its proposal "
-            "and prior (e.g. a mixture or VampPrior prior); use kl='auto' or 'monte_carlo'."
+            f"and prior {why_none}; use kl='auto' or 'monte_carlo'."
         )
     return kl
 
@@ -146,6 +150,7 @@ class VAE(nnx.Module):
 
     def log_prior(self, z):
         r"""$\log p(z)$ for one `z` of shape `(latent_dim,)`: a scalar."""
+        check_shape(z, (self.latent_dim,), "z", ONE_SAMPLE)
         return self.prior.log_prob(z)
 
     def log_joint(self, x, z):
