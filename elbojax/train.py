@@ -140,9 +140,20 @@ class StepInfo(NamedTuple):
 def _check_kl_weight(kl_weight, beta) -> bool:
     """Whether the KL term is weighted at all (statically: a schedule, or a constant other than 1)."""
     if not callable(kl_weight):
-        _checks.check_finite_nonnegative(kl_weight, "kl_weight")
-    _checks.check_finite_nonnegative(beta, "beta")
+        _check_weight(kl_weight, "kl_weight")
+    _check_weight(beta, "beta")
+    if not callable(kl_weight):
+        _check_weight(float(beta) * float(kl_weight), "beta * kl_weight")
     return callable(kl_weight) or float(kl_weight) != 1.0 or float(beta) != 1.0
+
+
+def _check_weight(value, name: str) -> float:
+    """A finite number >= 0 that the training dtype can hold (1e39 is inf in float32)."""
+    value = _checks.check_finite_nonnegative(value, name)
+    largest = float(jnp.finfo(jnp.result_type(float)).max)
+    if value > largest:
+        raise ValueError(f"`{name}` must be at most {largest:.4g} (the largest {jnp.result_type(float).name}), got {value:g}.")
+    return value
 
 
 def _require(model, names, why: str) -> None:
@@ -171,6 +182,12 @@ def _analytic_kl(model, x, proposal, **kwargs):
     if "proposal" in inspect.signature(model.analytic_kl).parameters:
         kwargs["proposal"] = proposal
     return model.analytic_kl(x, **kwargs)
+
+
+def _takes(fn, name: str) -> bool:
+    """Whether `fn` takes the keyword argument `name` (by name, or through `**kwargs`)."""
+    parameters = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _reported_kl(model, x, proposal, key):
@@ -234,7 +251,7 @@ def objective(
         raise ValueError(f"kl={kl!r} applies to the ELBO only; the IWAE bound has no separate KL term.")
     weighted = _check_kl_weight(kl_weight, beta)
     if free_bits is not None:
-        _checks.check_finite_nonnegative(free_bits, "free_bits")
+        _check_weight(free_bits, "free_bits")
         if name != "elbo" or kl == "monte_carlo" or gradient != "reparam":
             raise ValueError(
                 "Free bits apply to the ELBO with the KL in closed form only (name='elbo', kl='auto' or "
@@ -247,6 +264,11 @@ def objective(
             return False
         kl_mode = getattr(model, "kl_mode", None)
         mode = kl_mode(kl, gradient=gradient) if kl_mode is not None else ("monte_carlo" if kl == "auto" else kl)
+        if mode == "analytic" and gradient != "reparam":  # a model without `kl_mode` says nothing
+            raise ValueError(
+                f"kl='analytic' (the closed-form KL) has only the reparameterisation gradient; got "
+                f"gradient={gradient!r}. Use kl='monte_carlo' for another gradient estimator."
+            )
         if mode == "analytic":
             _require(model, ("log_likelihood", "analytic_kl"), "The analytic-KL ELBO")
             return True
@@ -278,7 +300,8 @@ def objective(
             reconstruction = expectation(
                 key, x, model.log_likelihood, proposal, num_samples=num_samples, chunk_size=chunk_size
             )
-            return reconstruction, _analytic_kl(model, x, proposal, per_dimension=free_bits is not None)
+            per_dimension = {"per_dimension": True} if free_bits is not None else {}  # `analytic_kl(x)` suffices otherwise
+            return reconstruction, _analytic_kl(model, x, proposal, **per_dimension)
 
         reconstructions, kls = jax.vmap(point)(keys, batch)
         if free_bits is None:
@@ -297,6 +320,13 @@ def init(model: nnx.Module, optimizer: optax.GradientTransformation):
     a jitted step flattens its arguments on every call, and JAX flattens dicts in C++ but an
     `nnx.State` in Python (measured: about 0.5 ms of a 3 ms ELBO step on 2 CPU cores).
     """
+    others = nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.Param)))
+    if len(others):
+        names = ", ".join(f"{'/'.join(map(str, path))} ({type(variable).__name__})" for path, variable in others)
+        raise ValueError(
+            f"The training state holds the model's `nnx.Param`s only, and {type(model).__name__} has other "
+            f"variables: {names}. Make them `nnx.Param`s (trained), or constants (plain arrays, not variables)."
+        )
     graphdef, state = nnx.split(model, nnx.Param)
     params = nnx.to_pure_dict(state)
     zero = jnp.zeros((), jnp.int32)
@@ -491,6 +521,7 @@ def make_multi_step(step, *, check: str = "call"):
         return _unless_replaced(ok, result, lambda: _call_skipped(state, result[1], ok))
 
     def multi_step(state: TrainState, batches, indices):
+        _check_stacked(batches, indices)
         if unchecked is None:
             return checked(state, batches, indices)
         fast = scan(unchecked, state, batches, indices)
@@ -498,6 +529,17 @@ def make_multi_step(step, *, check: str = "call"):
         return _unless_replaced(ok, fast, lambda: checked(state, batches, indices))
 
     return multi_step
+
+
+def _check_stacked(batches, indices) -> None:
+    """At trace time: `batches` `(S, B, ...)` and `indices` `(S, B)`, one batch per step."""
+    expected = jnp.shape(indices)
+    for leaf in jax.tree.leaves(batches):
+        if len(expected) != 2 or jnp.ndim(leaf) < 2 or jnp.shape(leaf)[:2] != expected:
+            raise ValueError(
+                "A multi-step call takes its steps' batches stacked, `batches` (S, B, ...) and `indices` "
+                f"(S, B); got batches {jnp.shape(leaf)} and indices {expected}."
+            )
 
 
 def _call_skipped(state: TrainState, info: StepInfo, ok):
@@ -666,6 +708,8 @@ def fit(
       The final `TrainState` (replicated on the mesh).
 
     Raises:
+      ValueError: before any step, for data outside the likelihood's support or beyond float32,
+        a bad config, or a fresh run whose starting state is not finite.
       TrainingStopped: `config.max_skipped_in_a_row` steps in a row were skipped (a
         `RuntimeError`; the last good state is checkpointed first).
     """
@@ -692,6 +736,7 @@ def fit(
     if config.binarize == "none":
         present = images[~np.isnan(images)] if accepts_missing and data.is_float(images.dtype) else images
         data.check_for_likelihood(present, _likelihood_of(graphdef, state.params), "images")
+        _check_fits_float32(present, "images")
     elif images.dtype != np.uint8:
         raise TypeError(f"binarize='dynamic' needs uint8 grey levels, got dtype {images.dtype}; pass binarize='none' for data that are already binary.")
     mesh = distributed.data_mesh(1) if mesh is None else mesh
@@ -703,8 +748,11 @@ def fit(
         (run_dir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=False),
     )
+    resuming = manager.latest_step() is not None
+    if not resuming:
+        _check_finite_start(state)
     state = distributed.replicate(state, mesh)
-    if manager.latest_step() is not None:
+    if resuming:
         state = restore(manager, state)  # into the mesh's shardings
 
     replicated = distributed.replicated(mesh)
@@ -756,6 +804,40 @@ def fit(
     bar.close()
     manager.close()
     return state
+
+
+def _check_finite_start(state: TrainState) -> None:
+    """At the host boundary: a fresh run's starting parameters and optimizer state are finite.
+
+    A NaN there would make every step non-finite: all skipped, and the run stopped, for a
+    reason that is not the data's or the learning rate's.
+    """
+    flat = jax.tree_util.tree_flatten_with_path((state.params, state.opt_state))[0]
+    for path, leaf in flat:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):  # counts, PRNG keys, ...
+            continue
+        leaf = np.asarray(distributed.to_host(leaf))
+        if not np.isfinite(leaf).all():
+            where = "params" if path[0].idx == 0 else "opt_state"
+            raise ValueError(
+                f"The starting state holds NaN or infinite entries ({where}{jax.tree_util.keystr(path[1:])}, "
+                f"{int((~np.isfinite(leaf)).sum())} of {leaf.size}); no step could be applied from it. "
+                "Check the model's initialisation (e.g. the output bias)."
+            )
+
+
+def _check_fits_float32(x: np.ndarray, name: str) -> None:
+    """Data reach the device as float32: a finite value beyond its range would arrive as inf."""
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        with np.errstate(over="ignore"):
+            overflows = np.isinf(x.astype(np.float32)) & np.isfinite(x)
+        if overflows.any():
+            index = tuple(int(i) for i in np.argwhere(overflows)[0])
+            raise ValueError(
+                f"`{name}` must fit float32 (training and evaluation run in float32, largest "
+                f"{np.finfo(np.float32).max:.4g}); got {x[index]!s} at index {index} "
+                f"({int(overflows.sum())} of {x.size} values)."
+            )
 
 
 def _applied_mean(values, finite) -> float | None:
@@ -950,6 +1032,7 @@ def evaluate(
     data = np.asarray(data)
     likelihood = _likelihood_of(graphdef, params)
     data_lib.check_for_likelihood(data, likelihood, "data")
+    _check_fits_float32(data, "data")
     if data.ndim != 2 or data.shape[0] < 1:
         raise ValueError(f"`data` must have shape (N, D) with N >= 1, got {data.shape}.")
     mesh = distributed.data_mesh(1) if mesh is None else mesh
@@ -966,10 +1049,11 @@ def evaluate(
         per_dim = jnp.full((1,), jnp.nan)
         if getattr(model, "has_analytic_kl", False):
             kl = _analytic_kl(model, x, q)
-            try:
-                per_dim = _analytic_kl(model, x, q, per_dimension=True)
-            except ValueError:  # a closed form, but not a diagonal Gaussian pair
-                pass
+            if _takes(model.analytic_kl, "per_dimension"):  # `analytic_kl(x)` alone is enough
+                try:
+                    per_dim = _analytic_kl(model, x, q, per_dimension=True)
+                except ValueError:  # a closed form, but not a diagonal Gaussian pair
+                    pass
         elif callable(getattr(model, "log_prior", None)):
             kl = expectation(kl_key, x, lambda x, z: q.log_prob(z) - model.log_prior(z), q, num_samples=elbo_samples)
         else:

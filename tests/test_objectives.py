@@ -187,6 +187,49 @@ def test_objective_errors():
     assert np.isnan(terms.kl) and np.isfinite(terms.objective)
 
 
+def test_weights_beyond_the_float32_range_are_refused():
+    for kwargs, name in [(dict(beta=1e39), "beta"), (dict(kl_weight=1e39), "kl_weight"),
+                         (dict(free_bits=1e39), "free_bits"), (dict(beta=1e20, kl_weight=1e20), "beta \\* kl_weight")]:
+        with pytest.raises(ValueError, match=rf"`{name}` must be at most 3.403e\+38 \(the largest float32\)"):
+            train.objective("elbo", **kwargs)
+
+
+class _KLOnlyModel(nnx.Module):
+    """A custom model with the closed-form KL as `objective`'s docstring asks: `analytic_kl(x)`, no
+    `per_dimension`, no `kl_mode`."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.has_analytic_kl = True
+
+    def proposal(self, x):
+        return self.vae.proposal(x)
+
+    def log_joint(self, x, z):
+        return self.vae.log_joint(x, z)
+
+    def log_likelihood(self, x, z):
+        return self.vae.log_likelihood(x, z)
+
+    def analytic_kl(self, x):
+        return self.vae.analytic_kl(x)
+
+
+def test_a_custom_model_with_only_analytic_kl_of_x_trains_and_evaluates():
+    vae = _vae()
+    model = _KLOnlyModel(vae)
+    terms = train.objective("elbo", kl="analytic")(_keys(), model, _batch(), jnp.asarray(0))
+    expected = train.objective("elbo", kl="analytic")(_keys(), vae, _batch(), jnp.asarray(0))
+    np.testing.assert_allclose(terms.objective, expected.objective, rtol=1e-6)
+    np.testing.assert_allclose(terms.kl, expected.kl, rtol=1e-6)
+    result = train.evaluate(*nnx.split(model, nnx.Param), np.asarray(_batch()), num_samples=20, chunk_size=10, elbo_samples=5)
+    np.testing.assert_allclose(result.kl, np.mean([vae.analytic_kl(x) for x in _batch()]), rtol=1e-5)
+    assert np.isnan(result.kl_per_dimension).all()  # not offered: not reported
+    for gradient in ["score", "stl", "bogus"]:  # the closed form has the reparameterisation gradient only
+        with pytest.raises(ValueError, match=rf"kl='analytic' \(the closed-form KL\) has only the reparameterisation gradient; got gradient='{gradient}'"):
+            train.objective("elbo", kl="analytic", gradient=gradient)(_keys(), model, _batch(), jnp.asarray(0))
+
+
 def test_mixture_prior_reports_a_sampled_kl():
     model = _vae("mixture")
     terms = train.objective("elbo", num_samples=2)(_keys(), model, _batch(), jnp.asarray(0))

@@ -342,6 +342,47 @@ def test_fit_refuses_bad_data_and_config(tmp_path):
         train.fit(graphdef, state, optax.adam(1e-2), per_point, IMAGES, run_dir=tmp_path, config=CONFIG._replace(checkpoint_every=7), progress=False)
 
 
+def test_fit_refuses_a_non_finite_starting_state(tmp_path):
+    graphdef, state, _ = _fresh()
+    bias = state.params["decoder"]["bias"]
+    state = state._replace(params={**state.params, "decoder": {**state.params["decoder"], "bias": bias.at[2].set(jnp.nan)}})
+    per_point = train.objective("elbo", num_samples=1)
+    with pytest.raises(ValueError, match=r"The starting state holds NaN or infinite entries \(params\['decoder'\]\['bias'\], 1 of 6\)"):
+        train.fit(graphdef, state, optax.adam(1e-2), per_point, IMAGES, run_dir=tmp_path, config=CONFIG, progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before any step
+
+
+def test_data_beyond_float32_are_refused_at_the_host_boundary(tmp_path):
+    rngs = nnx.Rngs(0)
+    gaussian = models.VAE(models.GaussianMLPEncoder(6, 2, (8,), rngs=rngs), models.GaussianMLPDecoder(2, 6, (8,), rngs=rngs), models.StandardNormalPrior(2))
+    graphdef, state = train.init(gaussian, optax.adam(1e-2))
+    real = np.random.default_rng(1).normal(size=(64, 6))
+    real[5, 3] = 1e39  # finite in float64, inf on the device
+    with pytest.raises(ValueError, match=r"`images` must fit float32 .* got 1e\+39 at index \(5, 3\)"):
+        train.fit(graphdef, state, optax.adam(1e-2), train.objective("elbo", num_samples=1), real, run_dir=tmp_path, config=CONFIG._replace(binarize="none"), progress=False)
+    with pytest.raises(ValueError, match=r"`data` must fit float32"):
+        train.evaluate(graphdef, state.params, real, num_samples=4)
+
+
+def test_a_multi_step_call_needs_stacked_batches(setup):
+    _, state, step = _fresh()
+    multi = jax.jit(train.make_multi_step(step))
+    with pytest.raises(ValueError, match=r"takes its steps' batches stacked, `batches` \(S, B, ...\) and `indices` \(S, B\); got batches \(8, 6\) and indices \(8,\)"):
+        multi(state, setup[:8], jnp.arange(8))
+    with pytest.raises(ValueError, match=r"got batches \(2, 8, 6\) and indices \(3, 8\)"):
+        multi(state, setup[:16].reshape(2, 8, 6), jnp.arange(24).reshape(3, 8))
+
+
+def test_init_refuses_variables_that_are_not_params():
+    class WithBuffer(LinearVAE):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.running_mean = nnx.Variable(jnp.zeros(6))
+
+    with pytest.raises(ValueError, match=r"WithBuffer has other variables: running_mean \(Variable\)"):
+        train.init(WithBuffer(6, 2, rngs=nnx.Rngs(0)), optax.adam(1e-2))
+
+
 def test_fit_stops_after_too_many_non_finite_steps(tmp_path):
     graphdef, state, _ = _fresh(lr=1e30)  # diverges at once
     per_point = train.objective("elbo", num_samples=1)
