@@ -22,6 +22,7 @@ DATA_CHOICES = ("embedded", "mnist", "fashion-mnist", "binarized-mnist")
 DEFAULT_STEPS = 3000
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential")
+GAP_POINTS, GAP_STEPS = 50, 300  # evaluate --gaps
 FLOAT32_MAX = 3.4028234663852886e38  # learning rate, beta and free bits become float32 in the step
 
 
@@ -79,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-samples", type=int, default=5000)
     evaluate.add_argument("--eval-points", type=int, default=0, help="test points, evenly spaced through the test set (default 0: all)")
     evaluate.add_argument("--gaps", action="store_true", help="also the approximation and amortization gaps (Cremer et al. 2018): a table, gaps.png and gaps.json")
-    evaluate.add_argument("--gap-points", type=int, default=50, help="test points for the gaps, evenly spaced (default 50)")
-    evaluate.add_argument("--gap-steps", type=int, default=300, help="optimizer steps of each point's local fit (default 300)")
+    evaluate.add_argument("--gap-points", type=int, default=None, help=f"test points for the gaps, evenly spaced (default {GAP_POINTS})")
+    evaluate.add_argument("--gap-steps", type=int, default=None, help=f"optimizer steps of each point's local fit (default {GAP_STEPS})")
     evaluate.add_argument("--gap-flow", action="store_true", help="also fit a coupling flow per point: how much a richer q shrinks the approximation gap")
     _add_device_flags(evaluate.add_argument_group("devices"))
 
@@ -198,16 +199,25 @@ def _read_json(path: Path, source: str):
 
 
 def _run_config(run_dir: Path) -> dict:
-    """A run folder's config.json for `evaluate` and `impute`, checked like a --config file."""
+    """A run folder's config.json, checked like a --config file and completed as the flags would
+    be (their defaults for a setting it lacks): what `evaluate`, `impute` and `--resume` use."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise SystemExit(f"elbojax: {run_dir} is not a run folder (no config.json)")
-    config = _read_json(path, str(path))
-    _settings(config, _setting_actions(_train_parser(_parser())), str(path))
-    missing = [key for key in ("data", "latent_dim", "hidden", "seed") if key not in config]
+    raw = _read_json(path, str(path))
+    parser = _parser()
+    train = _train_parser(parser)
+    settings = _settings(raw, _setting_actions(train), str(path))
+    missing = [key for key in ("data", "latent_dim", "hidden", "seed") if key not in settings]
     if missing:
         raise SystemExit(f"elbojax: {path} is not a run's config.json: it lacks {missing}")
-    return config
+    train.set_defaults(**settings)
+    args = parser.parse_args(["train", "--resume"])  # --resume: its cross-setting checks passed when it started
+    args.given = set()
+    try:
+        return _config_from(args)
+    except SystemExit as error:
+        raise SystemExit(f"elbojax: {path}: {str(error.code).removeprefix('elbojax: ')}") from None
 
 
 def _settings(settings, actions: dict, source: str) -> dict:
@@ -436,13 +446,19 @@ def _git_revision() -> str | None:
     import subprocess
 
     source = Path(__file__).resolve().parent
+    git = lambda *command: subprocess.run(["git", "-C", str(source), *command], capture_output=True, text=True, timeout=10)
     try:
-        revision = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+        top = git("rev-parse", "--show-toplevel")
+        # Only elbojax's own checkout: an installed copy inside another project's repository
+        # (a virtual environment in a project folder) is not at that repository's top.
+        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != source.parent:
+            return None  # an installed wheel, not a checkout
+        revision = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.TimeoutExpired):
         return None
     if revision.returncode != 0:
-        return None  # an installed wheel, not a checkout
+        return None  # a checkout without a commit yet
     return revision.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
@@ -468,12 +484,33 @@ def _environment(argv: list[str]) -> dict:
     }
 
 
-def _record_environment(run_dir: Path, argv: list[str]) -> None:
-    """Append this session's environment to `run_dir/environment.json` (one entry per start or resume)."""
+def _recorded_environments(run_dir: Path) -> list:
+    """The sessions in `run_dir/environment.json` (none if it is absent); a damaged file is an error."""
     path = run_dir / "environment.json"
-    sessions = json.loads(path.read_text()) if path.exists() else []
-    sessions.append(_environment(argv))
-    path.write_text(json.dumps(sessions, indent=2) + "\n")
+    if not path.exists():
+        return []
+    sessions = _read_json(path, str(path))
+    if not isinstance(sessions, list):
+        raise SystemExit(f"elbojax: {path} must hold a JSON list (one entry per start or resume), got {type(sessions).__name__}")
+    return sessions
+
+
+def _write_json(path: Path, record) -> None:
+    """`record` as strict JSON (NaN and infinities as null), replacing `path` whole (never half-written)."""
+    temporary = path.with_name(f".{path.name}.part")
+    temporary.write_text(json.dumps(_strict(record), indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
+
+
+def _strict(value):
+    """`value` with every non-finite float replaced by None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
 
 
 def _resolve_run(args, config: dict) -> dict:
@@ -485,6 +522,9 @@ def _resolve_run(args, config: dict) -> dict:
     saved = run_dir / "config.json"
     if run_dir.exists() and not run_dir.is_dir():
         raise SystemExit(f"elbojax: --run-dir {run_dir} is a file; give a folder (new or a run's)")
+    blocked = next((parent for parent in run_dir.absolute().parents if parent.exists() and not parent.is_dir()), None)
+    if blocked is not None:
+        raise SystemExit(f"elbojax: --run-dir {run_dir} cannot be made: {blocked} is a file, not a folder")
     if not args.resume:
         if saved.exists():
             raise SystemExit(f"elbojax: {run_dir} already holds a run; pass --resume to continue it, or choose another --run-dir")
@@ -496,8 +536,11 @@ def _resolve_run(args, config: dict) -> dict:
         return config
     if not saved.exists():
         raise SystemExit(f"elbojax: --resume given but {saved} does not exist; start a new run without --resume")
-    previous = _read_json(saved, str(saved))
-    changed = [key for key in RESUME_FIXED_KEYS if previous.get(key, config[key]) != config[key]]
+    previous = _run_config(run_dir)
+    _recorded_environments(run_dir)  # a damaged one is refused now, before anything is rewritten
+    fixed = [key for key in RESUME_FIXED_KEYS
+             if key != "prior_components" or (previous["model"] == "vae" and previous["prior"] in ("mixture", "vamp"))]
+    changed = [key for key in fixed if previous[key] != config[key]]
     if changed:
         details = ", ".join(f"{key}: checkpoint {previous.get(key)!r}, flags {config[key]!r}" for key in changed)
         raise SystemExit(f"elbojax: cannot resume {run_dir}: the model or optimizer differs from the checkpoint's ({details})")
@@ -522,9 +565,13 @@ def _write_run(args, config: dict) -> None:
 
     distributed.barrier("elbojax-run-checked")
     if distributed.is_primary():
-        args.run_dir.mkdir(parents=True, exist_ok=True)
-        (args.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _record_environment(args.run_dir, args.argv)
+        try:
+            args.run_dir.mkdir(parents=True, exist_ok=True)
+            sessions = _recorded_environments(args.run_dir) + [_environment(args.argv)]
+            _write_json(args.run_dir / "config.json", config)
+            _write_json(args.run_dir / "environment.json", sessions)
+        except OSError as error:
+            raise SystemExit(f"elbojax: cannot write the run folder {args.run_dir}: {error}") from None
     distributed.barrier("elbojax-run-prepared")
 
 
@@ -609,7 +656,7 @@ def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict,
         kl_per_dimension=np.asarray(result.kl_per_dimension).tolist(),
         log_likelihood_per_point=np.asarray(result.log_likelihood_per_point).tolist(),
     )._asdict()
-    (run_dir / "evaluation.json").write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(run_dir / "evaluation.json", record)  # e.g. bits_per_dim of a Gaussian decoder: null
     _print_evaluation(result)
     written = plots.write_run_plots(run_dir, graphdef, params, test, labels, seed=seed)
     print("plots: " + ", ".join(str(p) for p in written))
@@ -652,6 +699,8 @@ def _restored_for_command(run_dir: Path, config: dict, dataset, mesh=None):
             f"elbojax: {run_dir} has no checkpoint yet (it stopped before its first one); continue it "
             f"with `elbojax train --run-dir {run_dir} --resume`"
         ) from None
+    except ValueError as error:  # a checkpoint that does not fit the model of its config.json
+        raise SystemExit(f"elbojax: {run_dir}: {error}") from None
 
 
 def _train(args) -> int:
@@ -683,6 +732,8 @@ def _train(args) -> int:
         state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress, mesh=mesh)
     except train.TrainingStopped as error:  # too many non-finite steps in a row
         raise SystemExit(f"elbojax: {error} A resumed run keeps its settings: for a lower --learning-rate, start a new run.") from None
+    except ValueError as error:  # on --resume: a checkpoint that does not fit the model of its config.json
+        raise SystemExit(f"elbojax: {args.run_dir}: {error}") from None
     _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points, mesh)
     return 0
 
@@ -695,8 +746,15 @@ def _evaluate(args) -> int:
     config = _run_config(args.run_dir)
     if args.gaps and config.get("model", "vae") != "vae":
         raise SystemExit("elbojax: --gaps needs a one-layer VAE (a diagonal Gaussian encoder); this run is a two-layer model")
+    given = [flag for flag, value in (("--gap-points", args.gap_points), ("--gap-steps", args.gap_steps), ("--gap-flow", args.gap_flow or None)) if value is not None]
+    if given and not args.gaps:
+        raise SystemExit(f"elbojax: {', '.join(given)} set{'s' if len(given) == 1 else ''} up the gaps; add --gaps")
+    args.gap_points = GAP_POINTS if args.gap_points is None else args.gap_points
+    args.gap_steps = GAP_STEPS if args.gap_steps is None else args.gap_steps
     if args.gaps and (args.gap_points < 1 or args.gap_steps < 1):
         raise SystemExit("elbojax: --gap-points and --gap-steps must be >= 1")
+    if args.gap_flow and config["latent_dim"] < 2:
+        raise SystemExit(f"elbojax: --gap-flow fits a coupling flow, which needs a latent of 2 or more dimensions; this run's has {config['latent_dim']} (--gaps alone works)")
     dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
     mesh = _start_devices(args)
     graphdef, params = nnx.split(_restored_for_command(args.run_dir, config, dataset, mesh), nnx.Param)
@@ -722,7 +780,7 @@ def _report_gaps(args, model, test, config: dict) -> None:
     print()
     print(gaps.format_table(result))
     gaps.plot(result, args.run_dir / "gaps.png")
-    (args.run_dir / "gaps.json").write_text(json.dumps(gaps.to_dict(result), indent=2) + "\n")
+    _write_json(args.run_dir / "gaps.json", gaps.to_dict(result))
     print(f"wrote {args.run_dir / 'gaps.png'} and {args.run_dir / 'gaps.json'}")
 
 
@@ -768,7 +826,7 @@ def _impute(args) -> int:
     ess, bounds = np.asarray(ess, np.float64), np.asarray(bounds, np.float64)
     record = {"hide": args.hide, "num_samples": args.num_samples, "seed": args.seed, "points": int(test.shape[0]),
               "effective_sample_size": ess.tolist(), "observed_log_likelihood_bound": bounds.tolist()}
-    (args.run_dir / f"completions_{args.hide}.json").write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(args.run_dir / f"completions_{args.hide}.json", record)
     print(f"{test.shape[0]} test digits, {args.hide} half hidden, K = {args.num_samples} (imputations are biased at finite K; the ESS says how much to trust them)")
     print(f"effective sample size per digit: {', '.join(f'{e:.0f}' for e in ess)}")
     print(f"IWAE bound on log p(x_observed), mean: {bounds.mean():.2f} nats")

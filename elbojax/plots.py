@@ -49,24 +49,33 @@ def _grid(images, columns: int):
     return canvas
 
 
-def training_curve(run_dir: Path) -> Path:
-    """The training objective and the KL per step from `metrics.jsonl` (and the KL weight when annealed)."""
+def training_curve(run_dir: Path) -> Path | None:
+    """The training objective and the KL per step from `metrics.jsonl` (and the KL weight when annealed).
+
+    None (no plot) for a run folder without metrics, or with none recorded yet.
+    """
     plt = _pyplot()
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not records:
+        return None
     steps = [r["step"] for r in records]
     value = lambda record, name: float("nan") if record.get(name) is None else record[name]  # null: all skipped
     kls = [value(r, "kl") for r in records]
+    marker = "o" if len(records) < 20 else None  # a single record is a point: a line alone would not show it
     fig, (bound_ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    bound_ax.plot(steps, [value(r, "objective") for r in records])
+    bound_ax.plot(steps, [value(r, "objective") for r in records], marker=marker)
     bound_ax.set_ylabel("training objective (nats, batch mean)")
     bound_ax.set_title("Training curve")
-    kl_ax.plot(steps, kls, color="C1")
+    kl_ax.plot(steps, kls, color="C1", marker=marker)
     kl_ax.set_ylabel("KL(q || p) (nats, batch mean)")
     kl_ax.set_title("KL term")
     weights = [r.get("kl_weight", 1.0) for r in records]
     if any(w != 1.0 for w in weights):
         weight_ax = kl_ax.twinx()
-        weight_ax.plot(steps, weights, color="C2", linestyle="--")
+        weight_ax.plot(steps, weights, color="C2", linestyle="--", marker=marker)
         weight_ax.set_ylabel("KL weight (dashed)")
     for ax in (bound_ax, kl_ax):
         ax.set_xlabel("step")

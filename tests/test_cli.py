@@ -314,8 +314,12 @@ def test_other_models_and_objectives_train_end_to_end(tmp_path, flags):
     run_dir = tmp_path / "r"
     tiny = TINY if "two-layer" not in flags else TINY[:-5] + TINY[-1:]  # its sizes are fixed: no --latent-dim, --hidden
     assert cli.main(["train", "--run-dir", str(run_dir), *tiny, "--eval-samples", "10", "--eval-points", "10", *flags]) == 0
-    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    evaluation = json.loads((run_dir / "evaluation.json").read_text(), parse_constant=refuse)  # NaN is null
     assert np.isfinite(evaluation["log_likelihood"]) and np.isfinite(evaluation["kl"])
+    assert (evaluation["bits_per_dim"] is None) == ("gaussian" in flags)
     model = cli.load_run(run_dir)
     assert type(model).__name__ == ("TwoLayerVAE" if "two-layer" in flags else "VAE")
 
@@ -356,3 +360,88 @@ def test_plausible_slips_are_one_line_errors(run, tmp_path, monkeypatch):
         (tmp_path / "home").mkdir()
         (tmp_path / "home" / "file").write_text("")
         cli.main(["train", "--config", _config_file(tmp_path, {"run_dir": "~/file"}), *TINY])
+
+
+def _copy_run(run, folder, edit=None, metrics=True):
+    """A copy of `run`'s config and checkpoints (and metrics), its config.json edited by `edit`."""
+    import shutil
+
+    shutil.copytree(run / "checkpoints", folder / "checkpoints")
+    if metrics:
+        shutil.copy(run / "metrics.jsonl", folder / "metrics.jsonl")
+    config = json.loads((run / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(edit(config) if edit else config))
+    return folder
+
+
+QUICK_EVAL = ["--eval-points", "3", "--eval-samples", "10"]
+
+
+def test_a_hand_edited_run_config_is_completed_and_checked(run, tmp_path):
+    """evaluate and --resume read a run's config.json as the flags would: a setting it lacks takes
+    the flag's default, a string width is parsed, a bad value is one line naming the file (each
+    was a KeyError, TypeError or ValueError traceback)."""
+    lean = _copy_run(run, tmp_path / "lean", lambda c: {k: v for k, v in c.items() if k not in ("learning_rate", "steps")}, metrics=False)
+    assert cli.main(["evaluate", str(lean), *QUICK_EVAL]) == 0  # and no metrics.jsonl: no training curve, the rest
+    assert (lean / "evaluation.json").exists() and (lean / "samples.png").exists() and not (lean / "training_curve.png").exists()
+    text = _copy_run(run, tmp_path / "text", lambda c: {**c, "hidden": "32"})
+    assert cli.main(["evaluate", str(text), *QUICK_EVAL]) == 0
+    zero = _copy_run(run, tmp_path / "zero", lambda c: {**c, "latent_dim": 0})
+    with pytest.raises(SystemExit, match=r"elbojax: .*zero/config.json: --latent-dim must be >= 1, got 0"):
+        cli.main(["evaluate", str(zero), *QUICK_EVAL])
+    other = _copy_run(run, tmp_path / "other", lambda c: {**c, "latent_dim": 3})
+    for command in (["evaluate", str(other), *QUICK_EVAL], ["train", "--run-dir", str(other), "--resume", "--steps", "40", "--no-progress", *QUICK_EVAL]):
+        with pytest.raises(SystemExit, match=r"elbojax: .*other: .*does not fit"):
+            cli.main(command)
+
+
+def test_a_damaged_environment_record_stops_a_resume_before_anything_is_rewritten(run, tmp_path):
+    folder = _copy_run(run, tmp_path / "damaged")
+    (folder / "environment.json").write_text("{broken")
+    before = (folder / "config.json").read_text()
+    with pytest.raises(SystemExit, match=r"elbojax: .*environment.json is not valid JSON"):
+        cli.main(["train", "--run-dir", str(folder), "--resume", "--steps", "40", "--no-progress", *QUICK_EVAL])
+    assert (folder / "config.json").read_text() == before
+
+
+def test_a_run_folder_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit, match=r"--run-dir .*afile/sub cannot be made: .*afile is a file"):
+        cli.main(["train", "--run-dir", str(tmp_path / "afile" / "sub"), *TINY])
+
+
+def test_prior_components_do_not_block_the_resume_of_a_standard_prior_run(run, capsys):
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--prior-components", "3", "--no-progress", *QUICK_EVAL]) == 0
+    assert "ignoring --prior-components" in capsys.readouterr().out
+
+
+def test_gap_flags_need_gaps_and_the_flow_needs_two_latent_dimensions(run, tmp_path):
+    for flags, given in ((["--gap-flow"], "--gap-flow sets"), (["--gap-points", "4", "--gap-steps", "5"], "--gap-points, --gap-steps set")):
+        with pytest.raises(SystemExit, match=rf"elbojax: {given} up the gaps; add --gaps"):
+            cli.main(["evaluate", str(run), *flags])
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()), "latent_dim": 1}))
+    with pytest.raises(SystemExit, match=r"--gap-flow fits a coupling flow, which needs a latent of 2 or more dimensions; this run's has 1"):
+        cli.main(["evaluate", str(one), "--gaps", "--gap-flow"])  # refused before any work (it was a traceback after it)
+
+
+def test_the_git_revision_is_elbojax_own_not_an_enclosing_repository(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    project = tmp_path / "project"
+    (project / "venv" / "elbojax").mkdir(parents=True)
+    git = lambda *args: subprocess.run(["git", "-C", str(project), *args], check=True, capture_output=True)
+    git("init", "-q")
+    (project / "venv" / "elbojax" / "cli.py").write_text("")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    monkeypatch.setattr(cli, "__file__", str(project / "venv" / "elbojax" / "cli.py"))
+    assert cli._git_revision() is None  # an installed copy inside another project's repository
+    (project / "elbojax").mkdir()
+    monkeypatch.setattr(cli, "__file__", str(project / "elbojax" / "cli.py"))
+    head = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert cli._git_revision() == head  # a checkout of its own

@@ -40,3 +40,19 @@ def test_reconstructions_of_fewer_points_than_a_row_take_one_column_each(tmp_pat
 
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width <= 1.5 * height  # a figure three columns wide, not ten
+
+
+def test_training_curve_without_metrics_is_no_plot_and_a_single_record_shows(tmp_path):
+    """No metrics.jsonl (a folder of config and checkpoints only): no curve, the other plots still
+    come (it raised FileNotFoundError). One record is drawn as a marker (a line alone was invisible)."""
+    assert plots.training_curve(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plots.training_curve(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "objective": -500.0, "kl": 3.0, "kl_weight": 1.0}\n')
+    path = plots.training_curve(tmp_path)
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)[..., :3]
+    blue = (np.abs(image - np.array([0.12, 0.47, 0.71])) < 0.08).all(-1)  # matplotlib's C0
+    orange = (np.abs(image - np.array([1.0, 0.5, 0.05])) < 0.08).all(-1)  # C1
+    assert blue.sum() > 20 and orange.sum() > 20
