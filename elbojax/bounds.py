@@ -41,7 +41,7 @@ from elbojax.estimators import (
     elbo,
     iwae_bound,
 )
-from elbojax.reductions import combine_expm1, summarize_expm1, summary_logmeanexp, summary_logsumexp
+from elbojax.reductions import combine_expm1, summarize_expm1, summary_logmeanexp, summary_logsumexp, widened
 
 
 def renyi_bound(
@@ -204,7 +204,7 @@ def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samp
 
     points, z, log_q = jax.vmap(draw_group)(group_keys)  # leading axes (M, K)
     log_joint_mk = jax.vmap(lambda z_m: _log_joint(problem, z_m))
-    log_weights = jax.lax.stop_gradient(log_joint_mk(z) - log_q)  # (M, K)
+    log_weights = widened(jax.lax.stop_gradient(log_joint_mk(z) - log_q))  # (M, K), in at least float32
     lse_all = jax.nn.logsumexp(log_weights)
     lse_group = jax.nn.logsumexp(log_weights, axis=1, keepdims=True)
     # A group whose weights are all 0 gives the proposal nothing (weights 0, not exp(-inf + inf)).

@@ -391,7 +391,8 @@ def _iwae_dreg(problem: _Problem):
 
     def chunk_fn(start, count):
         points, z, log_q = _draw_points(problem, start, count)
-        log_weights = jax.lax.stop_gradient(_log_joint(problem, z) - log_q)
+        # In at least float32, as the chunked path's `fixed_lse` is: 16-bit weights would not sum to 1.
+        log_weights = widened(jax.lax.stop_gradient(_log_joint(problem, z) - log_q))
         lse = jax.nn.logsumexp(log_weights) if fixed_lse is None else fixed_lse
         # Every weight 0: weights of 0 (no gradient), not exp(-inf + inf) = NaN.
         weights = jnp.exp(log_weights - jnp.where(jnp.isneginf(lse), jnp.zeros_like(lse), lse))
@@ -413,6 +414,7 @@ def _iwae_vimco(problem: _Problem):
     score_fn = _score_log_weights(problem)
     if _is_single_chunk(problem):
         log_weights, score = score_fn(0, problem.num_samples)
+        log_weights = widened(log_weights)  # a float32 bound, as the chunked path's
         bound = jax.nn.logsumexp(log_weights) - math.log(problem.num_samples)
         return bound + jnp.sum(grads.vimco_signals(log_weights) * score)
     signals = grads.vimco_signals(_map_chunks(lambda s, c: score_fn(s, c)[0], problem))

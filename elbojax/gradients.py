@@ -272,7 +272,8 @@ def vimco_signals(log_weights: jax.Array) -> jax.Array:
             "`log_weights` must have shape (K,) with K >= 2 (a leave-one-out baseline needs another "
             f"sample), the log-weights of ONE data point; got shape {log_weights.shape}."
         )
-    log_weights = jax.lax.stop_gradient(log_weights)
+    # In at least float32: leave-one-out differences of 16-bit log-weights near -50 lose every digit.
+    log_weights = jax.lax.stop_gradient(log_weights.astype(jnp.promote_types(log_weights.dtype, jnp.float32)))
     num = log_weights.shape[0]
     neg_inf = jnp.full((1,), -jnp.inf, log_weights.dtype)
     zero = jnp.zeros((1,), log_weights.dtype)

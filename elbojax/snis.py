@@ -52,8 +52,9 @@ import jax
 import jax.numpy as jnp
 
 from elbojax import _checks
+from elbojax import gradients as grads
 from elbojax.estimators import _draw, _log_joint, _map_chunks, _prepare
-from elbojax.reductions import effective_sample_size, exp_shifted
+from elbojax.reductions import effective_sample_size, exp_shifted, widened
 
 RESAMPLING_METHODS = ("multinomial", "systematic")
 
@@ -80,7 +81,7 @@ def normalized_weights(log_weights) -> jax.Array:
       `(K,)`, non-negative and summing to 1; all zeros if every $\ell_k = -\infty$; all NaN if
       one is NaN.
     """
-    log_weights = _check_log_weights(log_weights)
+    log_weights = widened(_check_log_weights(log_weights))  # 16-bit weights would not sum to 1
     exps = exp_shifted(log_weights, axis=0)  # exactly invariant to a shift of the log-weights
     total = jnp.sum(exps)
     return exps / jnp.where(total == 0, jnp.ones_like(total), total)  # all 0, zero gradient, if every weight is 0
@@ -187,7 +188,7 @@ def resample(key, log_weights, num: int, *, method: str = "multinomial") -> jax.
       Kitagawa 1996; Douc, Cappé & Moulines 2005, https://arxiv.org/abs/cs/0507025
     """
     _checks.check_key(key)
-    log_weights = _check_log_weights(log_weights)
+    log_weights = widened(_check_log_weights(log_weights))  # a 16-bit cumulative sum stops growing
     num = _checks.check_positive_int(num, "num")
     if method not in RESAMPLING_METHODS:
         raise ValueError(f"`method` must be one of {', '.join(map(repr, RESAMPLING_METHODS))}; got {method!r}.")
@@ -221,6 +222,8 @@ def importance_samples(key, x, log_joint, proposal, *, num_samples: int, chunk_s
 
     def chunk_fn(start, count):
         z, log_q = _draw(problem, start, count)
+        if problem.guard is not None:  # a discrete proposal: no pathwise gradient, as in `elbojax.log_weights`
+            log_q = grads.forbid_pathwise(log_q, problem.guard)
         return z, _log_joint(problem, z) - log_q
 
     return _map_chunks(chunk_fn, problem)

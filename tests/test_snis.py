@@ -236,3 +236,16 @@ def test_effective_sample_size_needs_a_sample_axis():
         with pytest.raises(ValueError, match=r"`log_weights` must have .*got shape \(\)"):
             jax.jit(fn)(jnp.array(1.0))
     np.testing.assert_allclose(snis.effective_sample_size(jnp.zeros(4)), 4.0, rtol=1e-6)
+
+
+def test_importance_samples_refuse_a_pathwise_gradient_through_a_discrete_proposal():
+    """As `elbojax.log_weights` does: the gradient was -grad log q alone, with no score term."""
+    logits = jnp.array([0.2, -0.3, 0.5])
+    log_joint = lambda x, z: -0.5 * (z - 1.0) ** 2
+    loss = lambda l, fn: fn(jax.random.key(0), None, log_joint, distrax.Categorical(logits=l), num_samples=3)
+    with pytest.raises(ValueError, match=r"needs a reparameterizable proposal"):
+        jax.grad(lambda l: loss(l, ej.log_weights).sum())(logits)
+    with pytest.raises(ValueError, match=r"needs a reparameterizable proposal"):
+        jax.grad(lambda l: loss(l, snis.importance_samples)[1].sum())(logits)
+    with pytest.raises(ValueError, match=r"needs a reparameterizable proposal"):
+        jax.grad(lambda l: snis.importance_resample(jax.random.key(0), None, log_joint, distrax.Categorical(logits=l), num_samples=3, num_resampled=2).log_weights.sum())(logits)
