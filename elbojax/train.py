@@ -36,6 +36,8 @@ the one-sample ELBO). `fit` is the host loop (batches, checkpoints, metrics, res
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
@@ -768,41 +770,51 @@ def fit(
         _truncate_metrics(metrics_path, start)
     distributed.barrier("elbojax-fit-start")
     bar = tqdm(total=config.num_steps, initial=start, disable=not (progress and primary), desc="training", unit="step")
-    with open(metrics_path, "a") if primary else _Discard() as metrics:
-        while int(state.step) < config.num_steps:
-            first = int(state.step)
-            # Calls end on multiples of `steps_per_call` (so checkpoints fall on multiples of
-            # `checkpoint_every`), also after a resume from a step that is not one: the end of a
-            # shorter run, later extended.
-            count = min(config.steps_per_call - first % config.steps_per_call, config.num_steps - first)
-            batches, indices = _batches_for(images, config, first, count, mesh, observed)
-            began = time.perf_counter()
-            skipped_before = int(state.skipped_in_a_row)
-            state, info = multi_step(state, batches, indices)
-            info = distributed.to_host(info)
-            objective_mean = _applied_mean(info.objective, info.finite)
-            record = {
-                "step": int(state.step), "objective": objective_mean, "kl": _applied_mean(info.kl, info.finite),
-                "kl_weight": float(info.kl_weight[-1]), "num_skipped": int(state.num_skipped),
-                "seconds": time.perf_counter() - began,
-            }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            bar.update(count)
-            bar.set_postfix(bound="skipped" if objective_mean is None else f"{objective_mean:.2f}")
-            step = int(state.step)
-            longest = _longest_skipped_run(info.finite, skipped_before)
-            if longest >= config.max_skipped_in_a_row:
-                _save(manager, step, state)
-                raise TrainingStopped(
-                    f"Stopped at step {step}: {longest} steps in a row had a non-finite "
-                    "loss, gradient or update (skipped, parameters untouched). Lower the learning rate or check "
-                    f"the data and the model; the last good state is checkpointed in {run_dir / 'checkpoints'}."
-                )
-            if step % config.checkpoint_every == 0 or step == config.num_steps:
-                _save(manager, step, state)
-    bar.close()
-    manager.close()
+    recorded = state  # the latest state whose call is in the metrics: what Ctrl-C checkpoints
+    try:
+        with open(metrics_path, "a") if primary else _Discard() as metrics:
+            while int(state.step) < config.num_steps:
+                first = int(state.step)
+                # Calls end on multiples of `steps_per_call` (so checkpoints fall on multiples of
+                # `checkpoint_every`), also after a resume from a step that is not one: the end of a
+                # shorter run, later extended.
+                count = min(config.steps_per_call - first % config.steps_per_call, config.num_steps - first)
+                batches, indices = _batches_for(images, config, first, count, mesh, observed)
+                began = time.perf_counter()
+                skipped_before = int(state.skipped_in_a_row)
+                state, info = multi_step(state, batches, indices)
+                info = distributed.to_host(info)
+                objective_mean = _applied_mean(info.objective, info.finite)
+                record = {
+                    "step": int(state.step), "objective": objective_mean, "kl": _applied_mean(info.kl, info.finite),
+                    "kl_weight": float(info.kl_weight[-1]), "num_skipped": int(state.num_skipped),
+                    "seconds": time.perf_counter() - began,
+                }
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                recorded = state
+                bar.update(count)
+                bar.set_postfix(bound="skipped" if objective_mean is None else f"{objective_mean:.2f}")
+                step = int(state.step)
+                longest = _longest_skipped_run(info.finite, skipped_before)
+                if longest >= config.max_skipped_in_a_row:
+                    _save(manager, step, state)
+                    raise TrainingStopped(
+                        f"Stopped at step {step}: {longest} steps in a row had a non-finite "
+                        "loss, gradient or update (skipped, parameters untouched). Lower the learning rate or check "
+                        f"the data and the model; the last good state is checkpointed in {run_dir / 'checkpoints'}."
+                    )
+                if step % config.checkpoint_every == 0 or step == config.num_steps:
+                    _save(manager, step, state)
+    except KeyboardInterrupt:  # Ctrl-C: keep the work done since the last checkpoint
+        step = int(recorded.step)
+        if jax.process_count() == 1 and step > (manager.latest_step() or 0):  # several processes would all have to save
+            _save(manager, step, recorded)
+            print(f"\ninterrupted: checkpointed step {step} in {run_dir / 'checkpoints'}; resume to go on.", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+        manager.close()
     return state
 
 
@@ -904,7 +916,9 @@ def _truncate_metrics(path, step: int) -> None:
     steps = [_record_step(line, json) for line in lines]
     kept = [line for line, at in zip(lines, steps) if at is not None and at <= step]
     if len(kept) != len(lines):  # also drops a line cut short by a kill (or a full disk) mid-write
-        path.write_text("".join(line + "\n" for line in kept))
+        temporary = path.with_name(f".{path.name}.part")  # replaced whole: a kill now loses nothing
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
 
 
 def _record_step(line: str, json) -> int | None:

@@ -211,6 +211,32 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert kept == ["30", "40"], kept  # the last two
 
 
+def test_ctrl_c_checkpoints_the_last_recorded_call_and_the_resume_is_exact(tmp_path, monkeypatch, capsys):
+    """Interrupted during the fourth call (steps 15-20; the last checkpoint is step 10): step 15 is
+    checkpointed, so no work is lost, and the resumed run equals the uninterrupted one."""
+    import json
+
+    whole = _fit(tmp_path / "whole", 40)
+    real, calls = train._batches_for, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_batches_for", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "split", 40)
+    assert "interrupted: checkpointed step 15" in capsys.readouterr().err
+    assert sorted(int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir()) == [10, 15]
+    monkeypatch.setattr(train, "_batches_for", real)
+    resumed = _fit(tmp_path / "split", 40)
+    _assert_same_params(resumed, whole)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 45, 5))
+
+
 def test_a_metrics_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path):
     """A line cut off mid-write (a kill, a full disk) made every later resume fail with a
     JSONDecodeError; it is dropped with the lines past the checkpoint."""
