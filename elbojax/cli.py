@@ -734,6 +734,9 @@ def _train(args) -> int:
         raise SystemExit(f"elbojax: {error} A resumed run keeps its settings: for a lower --learning-rate, start a new run.") from None
     except ValueError as error:  # on --resume: a checkpoint that does not fit the model of its config.json
         raise SystemExit(f"elbojax: {args.run_dir}: {error}") from None
+    except KeyboardInterrupt:  # fit has checkpointed the last finished call
+        print(f"elbojax: interrupted; continue with `elbojax train --run-dir {args.run_dir} --resume`", file=sys.stderr)
+        raise SystemExit(130) from None
     _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points, mesh)
     return 0
 
