@@ -184,7 +184,9 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
             f"{_MIN_TAIL} of them, so K >= {_MIN_NUM_SAMPLES} log-weights; got K = {num_samples}."
         )
     tail_length = _tail_length(num_samples)
-    log_weights = jax.lax.stop_gradient(log_weights)
+    dtype = log_weights.dtype
+    # In at least float32: a 16-bit fit gave NaN (theta and k(theta) of opposite signs by rounding).
+    log_weights = widened(jax.lax.stop_gradient(log_weights))
 
     # NaN if any log-weight is: on CPU, XLA's `max` over 4096 entries or more skips NaN.
     largest = jnp.where(jnp.any(jnp.isnan(log_weights)), jnp.nan, jnp.max(log_weights))
@@ -199,7 +201,7 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
 
     k_hat = jnp.where(tail_size >= _MIN_TAIL, _gpd_shape(exceedances, tail_size), jnp.inf)
     # NaN stays NaN and +inf stays +inf; -inf (all weights zero) has an empty tail, so +inf.
-    return jnp.where(jnp.isnan(largest) | (largest == jnp.inf), largest, k_hat)
+    return jnp.where(jnp.isnan(largest) | (largest == jnp.inf), largest, k_hat).astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,8 +360,8 @@ def kl_per_dimension(proposal_mean, proposal_scale, prior_mean=0.0, prior_scale=
       prior_scale: $\sigma > 0$, broadcastable to `(d,)`; default 1.
 
     Returns:
-      Shape `(d,)`, each entry $\ge 0$ (in exact arithmetic). A zero proposal scale gives +inf (the limit), a
-      negative scale NaN.
+      Shape `(d,)`, each entry $\ge 0$ (in exact arithmetic). A zero proposal scale, an infinite
+      one or a zero prior scale gives +inf (the limit), a negative scale NaN.
     """
     proposal_mean, proposal_scale, prior_mean, prior_scale = map(
         jnp.asarray, (proposal_mean, proposal_scale, prior_mean, prior_scale)
@@ -380,7 +382,9 @@ def kl_per_dimension(proposal_mean, proposal_scale, prior_mean=0.0, prior_scale=
             )
     log_scale_ratio = jnp.log(proposal_scale) - jnp.log(prior_scale)
     standardized = (proposal_mean - prior_mean) / prior_scale
-    return 0.5 * standardized**2 + 0.5 * jnp.expm1(2.0 * log_scale_ratio) - log_scale_ratio
+    kl = 0.5 * standardized**2 + 0.5 * jnp.expm1(2.0 * log_scale_ratio) - log_scale_ratio
+    # An infinite proposal scale, or a zero prior scale: +inf, the limit (expm1(inf) - inf is NaN).
+    return jnp.where(jnp.isposinf(log_scale_ratio), jnp.inf, kl)
 
 
 class ActiveUnits(NamedTuple):

@@ -32,8 +32,10 @@ with (as `SVI.init` and `svi.update` do), the observed data among them (`obs=` s
 * An amortised guide (one that reads the data) sees the data bound at construction: build the
   adapter inside the function you vmap over data points (construction only traces). A
   replacing `x` of another shape is refused: NumPyro would broadcast it into a wrong number.
-* Autoguides (`AutoNormal`, ...) work: `from_numpyro` sets one up with a concrete call, as
-  `SVI.init` does, before its abstract trace.
+* The autoguides that sample the model's sites by name (`AutoNormal`, `AutoDelta`) work:
+  `from_numpyro` sets one up with a concrete call, as `SVI.init` does, before its abstract
+  trace. Those that sample one flattened auxiliary latent (`AutoDiagonalNormal`,
+  `AutoMultivariateNormal`, ...) are refused with a clear error.
 
 **TFP.** `from_tfp_joint(joint, observed={name: value})` takes a `JointDistributionNamed`,
 `JointDistributionSequential` or `JointDistributionCoroutine` (auto-batched or not).
@@ -130,6 +132,7 @@ class _Site(NamedTuple):
     has_rsample: bool = True
     model_shape: tuple = ()  # a sample site's distribution shape, batch + event
     constraint: Any = None  # a param site's constraint
+    auxiliary: bool = False  # a guide's auxiliary sample site (`infer={"is_auxiliary": True}`)
 
 
 def _sites(trace) -> dict[str, _Site]:
@@ -142,7 +145,8 @@ def _sites(trace) -> dict[str, _Site]:
                 _Shapes.of(site["value"]),
                 observed=bool(site["is_observed"]),
                 has_rsample=bool(site["fn"].has_rsample),
-                model_shape=tuple(site["fn"].shape()),
+                model_shape=tuple(site["fn"].shape(tuple(site["kwargs"].get("sample_shape", ())))),
+                auxiliary=bool((site.get("infer") or {}).get("is_auxiliary", False)),
             )
         elif site["type"] == "param":
             sites[name] = _Site("param", _Shapes.of(site["value"]), constraint=site["kwargs"].get("constraint"))
@@ -321,9 +325,9 @@ class NumPyroAdapter:
         self._kwargs = kwargs
         self._latent = {n: s for n, s in guide_sites.items() if s.kind == "sample"}
         self._guide_params = {n: s for n, s in guide_sites.items() if s.kind == "param"}
-        self._model_params = {
-            n: s for n, s in model_sites.items() if s.kind == "param" and n not in self._guide_params
-        }
+        # A param site of the model's, shared with the guide or not: `log_joint_with` sets it (one
+        # dict for both, as in SVI), so a shared one is not left at its initial value in the model.
+        self._model_params = {n: s for n, s in model_sites.items() if s.kind == "param"}
         self._params = {**self._guide_params, **self._model_params}
         self.latent_sites = tuple(self._latent)
         self.observed_sites = tuple(n for n, s in model_sites.items() if s.kind == "sample" and s.observed)
@@ -494,6 +498,14 @@ def _check_model_and_guide(guide_sites: dict[str, _Site], model_sites: dict[str,
             f"The guide observes {_names(observed_in_guide)}: a guide samples latent sites only "
             "(observations belong in the model)."
         )
+    auxiliary = [n for n, s in latent.items() if s.auxiliary]
+    if auxiliary:
+        raise ValueError(
+            f"The guide samples the auxiliary site(s) {_names(auxiliary)} (as AutoDiagonalNormal, "
+            "AutoMultivariateNormal and other flattening autoguides do) and maps them to the model's "
+            "sites deterministically, which has no density over the model's sites here. Use AutoNormal "
+            "or AutoDelta, or a guide that samples the model's sites by name."
+        )
     if not latent:
         raise ValueError("The guide samples no latent site: there is nothing to propose.")
     model_samples = {n: s for n, s in model_sites.items() if s.kind == "sample"}
@@ -575,7 +587,16 @@ class TFPJointAdapter:
         self._observed = observed
         self.observed_names = tuple(name for name in names if name in observed)
         self.latent_names = tuple(name for name in names if name not in observed)
-        self._latent_shapes = {n: s for n, s in _event_shapes(joint, names).items() if n in self.latent_names}
+        shapes = _event_shapes(joint, names)
+        self._latent_shapes = {n: s for n, s in shapes.items() if n in self.latent_names}
+        for name in self.observed_names:  # TFP would broadcast a wrong shape into a wrong number
+            event, got = shapes[name], jnp.shape(observed[name])
+            nested = not all(isinstance(d, int) for d in event)  # a joint inside the joint: TFP checks its parts
+            if not nested and (len(got) < len(event) or got[len(got) - len(event):] != event):
+                raise ValueError(
+                    f"`observed[{name!r}]` must end in the node's event shape {event}, got shape {got} "
+                    "(TFP would broadcast it into copies of the observation)."
+                )
         self._unordered = isinstance(getattr(joint, "model", None), Mapping)  # JointDistributionNamed
 
     def _as_named(self, z, name="z") -> dict:

@@ -23,6 +23,7 @@ import distrax
 import jax
 import jax.numpy as jnp
 
+from elbojax import _checks
 from elbojax._keys import normal
 from elbojax.diagnostics import kl_per_dimension
 
@@ -98,7 +99,7 @@ class FiniteUniform:
         return jnp.full(shape, -jnp.log(self.num_points), dtype=jnp.result_type(dtype))
 
     def sample_and_log_prob(self, *, seed, sample_shape=()):
-        sample_shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        sample_shape = (int(sample_shape),) if _checks.is_int(sample_shape) else tuple(sample_shape)
         index = jax.random.randint(seed, sample_shape, 0, self.num_points)
         return self.support[index], self._log_q(sample_shape)
 
@@ -106,9 +107,14 @@ class FiniteUniform:
         return self.sample_and_log_prob(seed=seed, sample_shape=sample_shape)[0]
 
     def log_prob(self, value):
-        event_ndim = self.support.ndim - 1
-        batch_shape = jnp.shape(value)[: jnp.ndim(value) - event_ndim]
-        return self._log_q(batch_shape)
+        event_shape = self.support.shape[1:]
+        shape = jnp.shape(value)
+        if len(shape) < len(event_shape) or shape[len(shape) - len(event_shape):] != event_shape:
+            raise ValueError(
+                f"`value` must end in the support's event shape {event_shape} (the support is "
+                f"{self.support.shape}: (S, *event_shape)), got shape {shape}."
+            )
+        return self._log_q(shape[: len(shape) - len(event_shape)])
 
     def entropy(self):
         return -self._log_q(())

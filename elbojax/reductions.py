@@ -186,7 +186,8 @@ def effective_sample_size(log_weights: jax.Array, axis: int = -1) -> jax.Array:
       axis: the sample axis.
 
     Returns:
-      The ESS, with `axis` reduced. 0 where every weight is zero (all log-weights $-\infty$).
+      The ESS, with `axis` reduced. 0 where every weight is zero (all log-weights $-\infty$);
+      the number of $+\infty$ log-weights where there are any (they dominate the others).
 
     References:
       Kish, *Survey Sampling*, 1965; Owen, *Monte Carlo theory, methods and examples*, ch. 9.
@@ -224,4 +225,6 @@ def exp_shifted(log_weights, axis: int) -> jax.Array:
     0.368 each).
     """
     largest = jax.lax.stop_gradient(jnp.max(log_weights, axis=axis, keepdims=True))
-    return jnp.exp(log_weights - jnp.where(jnp.isneginf(largest), jnp.zeros_like(largest), largest))
+    exps = jnp.exp(log_weights - jnp.where(jnp.isfinite(largest), largest, jnp.zeros_like(largest)))
+    # A +inf log-weight: the +inf ones share the weight, 1 each relative to the largest (not inf - inf).
+    return jnp.where(jnp.isposinf(largest), jnp.isposinf(log_weights).astype(exps.dtype), exps)

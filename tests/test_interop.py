@@ -477,3 +477,51 @@ def test_tfp_named_joint_refuses_a_list_of_latents(x64):
     surrogate = tfd.JointDistributionSequential([tfd.Normal(0.0, 1.0), tfd.Normal(0.0, 1.0)])
     with pytest.raises(TypeError, match=r"a sample of `surrogate`"):
         adapter.proposal(surrogate)
+
+
+def test_numpyro_a_param_site_shared_by_model_and_guide_is_set_in_the_model(x64):
+    """Both declare `sigma`: the model's log density was evaluated at its initial value (1.0)
+    whatever `params` said."""
+    def shared_model(y):
+        sigma = numpyro.param("sigma", jnp.asarray(1.0), constraint=constraints.positive)
+        mu = numpyro.sample("mu", dist.Normal(0.0, 2.0))
+        with numpyro.plate("data", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, sigma), obs=y)
+
+    def shared_guide(y):
+        sigma = numpyro.param("sigma", jnp.asarray(1.0), constraint=constraints.positive)
+        loc = numpyro.param("m", jnp.zeros(()))
+        numpyro.sample("mu", dist.Normal(loc, sigma))
+
+    y = jnp.asarray(Y)
+    adapter = from_numpyro(shared_model, shared_guide, y)
+    params, z = {"sigma": jnp.asarray(2.0), "m": jnp.asarray(0.3)}, {"mu": jnp.asarray(0.1)}
+    with pytest.raises(ValueError, match=r"param sites of its own \('sigma'\)"):
+        adapter.log_joint(None, z)
+    np.testing.assert_allclose(adapter.log_joint_with(params)(None, z), log_density(shared_model, (y,), {}, {**params, **z})[0], rtol=1e-13)
+
+
+def test_numpyro_sample_shape_sites_and_flattening_autoguides(x64):
+    from numpyro.infer.autoguide import AutoDiagonalNormal
+
+    def shaped_model(y):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0), sample_shape=(2,))
+        numpyro.sample("y", dist.Normal(z.sum(), 1.0), obs=y)
+
+    def shaped_guide(y):
+        numpyro.sample("z", dist.Normal(numpyro.param("loc", jnp.zeros(2)), 1.0), sample_shape=())
+
+    y = jnp.asarray(0.5)
+    adapter = from_numpyro(shaped_model, shaped_guide, y)  # refused: "shape () in the model but (2,) in the guide"
+    z = {"z": jnp.array([0.1, -0.2])}
+    np.testing.assert_allclose(adapter.log_joint(None, z), log_density(shaped_model, (y,), {}, z)[0], rtol=1e-13)
+    with pytest.raises(ValueError, match=r"auxiliary site\(s\) '_auto_latent' .* Use AutoNormal or AutoDelta"):
+        from_numpyro(shaped_model, AutoDiagonalNormal(shaped_model), y)
+
+
+def test_tfp_observed_values_must_end_in_their_event_shape(x64):
+    """A scalar observation for a `Sample(Normal, 3)` node was broadcast into three copies of it."""
+    joint = tfd.JointDistributionNamed(dict(mu=tfd.Normal(0.0, 1.0), y=lambda mu: tfd.Sample(tfd.Normal(mu, 1.0), 3)))
+    for bad in (jnp.asarray(1.0), jnp.ones(1)):
+        with pytest.raises(ValueError, match=r"`observed\['y'\]` must end in the node's event shape \(3,\), got shape"):
+            from_tfp_joint(joint, observed={"y": bad})

@@ -1,6 +1,7 @@
 """The proposal adapters (TFP, FiniteUniform) and the stable reductions."""
 
 import decimal
+import re
 
 import distrax
 import jax
@@ -160,3 +161,21 @@ def test_every_elbo_form_keeps_a_float32_proposal_float32_under_x64(x64):
     ):
         for estimator in (ej.elbo, ej.elbo_entropy):
             assert estimator(jax.random.key(0), None, log_joint, q, num_samples=2).dtype == jnp.float32
+
+
+def test_the_ess_of_infinite_log_weights_counts_them():
+    """+inf - +inf made every weight NaN; the +inf weights dominate: the ESS is how many there are."""
+    ess = ej.reductions.effective_sample_size
+    assert float(ess(jnp.array([0.0, jnp.inf, 1.0]))) == 1.0
+    assert float(ess(jnp.array([jnp.inf, -jnp.inf, jnp.inf, 2.0]))) == 2.0
+    np.testing.assert_array_equal(ej.snis.normalized_weights(jnp.array([jnp.inf, 0.0, jnp.inf])), [0.5, 0.0, 0.5])
+
+
+def test_finite_uniform_log_prob_checks_the_event_shape():
+    q = ej.proposals.FiniteUniform(jnp.zeros((5, 2, 3)))
+    assert q.log_prob(jnp.zeros((7, 2, 3))).shape == (7,)
+    for shape in [(3,), (7, 3), (2, 2)]:
+        with pytest.raises(ValueError, match=rf"`value` must end in the support's event shape \(2, 3\) .* got shape {re.escape(str(shape))}"):
+            q.log_prob(jnp.zeros(shape))
+    z, log_q = q.sample_and_log_prob(seed=jax.random.key(0), sample_shape=np.int64(3))
+    assert z.shape == (3, 2, 3) and log_q.shape == (3,)
