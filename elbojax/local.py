@@ -450,6 +450,9 @@ class SVIInfo(NamedTuple):
 
 def _split(model):
     if isinstance(model, nnx.Module):
+        from elbojax.train import _check_params_only
+
+        _check_params_only(model)
         return nnx.split(model, nnx.Param)
     return None, model
 

@@ -78,6 +78,7 @@ from elbojax.models.encoders import GaussianMLPEncoder
 from elbojax.models.likelihoods import check_gaussian_arguments, signed_logits, softplus
 from elbojax.models.conditional import _LabelConditioned
 from elbojax.models.hierarchical import TwoLayerVAE
+from elbojax.proposals import MultivariateNormalDiag
 
 _NUMPY_TYPES = (np.ndarray, np.generic)
 
@@ -131,7 +132,7 @@ def mark_missing(x, mask):
     if isinstance(mask, (list, tuple)):
         mask = np.asarray(mask)
     mask_shape = tuple(np.shape(mask))
-    if mask_shape and len(mask_shape) < len(np.shape(x)) and tuple(np.shape(x))[-len(mask_shape):] == mask_shape:
+    if len(np.shape(x)) >= 1 and tuple(np.shape(x))[1:] == mask_shape:  # exactly one point's shape, not a suffix of it
         broadcast = np.broadcast_to if isinstance(mask, _NUMPY_TYPES) else jnp.broadcast_to
         mask = broadcast(mask, np.shape(x))  # one point's mask, for every row of the batch
     if isinstance(x, _NUMPY_TYPES) and isinstance(mask, _NUMPY_TYPES):
@@ -148,8 +149,9 @@ def hidden_region_mask(region: str = "top", shape: tuple[int, int] = (28, 28)) -
     """A flat observation mask that hides one half of an image: `True` = observed.
 
     Args:
-      region: the hidden half: `"top"`, `"bottom"`, `"left"` or `"right"`.
-      shape: `(height, width)` of the image.
+      region: the hidden half: `"top"`, `"bottom"`, `"left"` or `"right"`. For an odd size the
+        middle row (column) belongs to the bottom (right) half.
+      shape: `(height, width)` of the image, at least 2 along the axis that is halved.
 
     Returns:
       `bool[height * width]` (row-major, the layout of a flattened MNIST digit).
@@ -160,6 +162,9 @@ def hidden_region_mask(region: str = "top", shape: tuple[int, int] = (28, 28)) -
     if len(tuple(shape)) != 2:
         raise ValueError(f"`shape` must be (height, width), got {shape!r}.")
     height, width = (_checks.check_positive_int(n, f"shape[{i}]") for i, n in enumerate(shape))
+    halved, size = ("height", height) if region in ("top", "bottom") else ("width", width)
+    if size < 2:
+        raise ValueError(f"Hiding the {region} half needs a {halved} of 2 or more, got shape {tuple(shape)}.")
     rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
     hidden = {
         "top": rows < height // 2, "bottom": rows >= height // 2,
@@ -364,8 +369,9 @@ def factorized(model) -> Factorized:
     decoder = getattr(model, "decoder", None)
     likelihood = getattr(model, "likelihood", None)
     data_dim = getattr(model, "data_dim", None)
-    if callable(decoder) and likelihood in ("bernoulli", "gaussian") and callable(getattr(model, "log_prior", None)) and isinstance(data_dim, int):
+    if callable(decoder) and likelihood in ("bernoulli", "gaussian") and callable(getattr(model, "log_prior", None)) and _checks.is_int(data_dim):
         parts = _bernoulli_parts if likelihood == "bernoulli" else _gaussian_parts
+        data_dim = int(data_dim)
         masked_ll, sample, mean = parts(decoder, data_dim)
         return Factorized(masked_ll, model.log_prior, sample, mean, (data_dim,), getattr(model, "proposal", None), _reads_missing(model))
     raise TypeError(
@@ -551,9 +557,22 @@ class NaNMasked:
         return bool(getattr(self.model, "has_analytic_kl", False))
 
     def analytic_kl(self, x, *, per_dimension: bool = False, proposal=None):
-        r"""$\mathrm{KL}(q(z \mid x_{\mathrm{obs}}) \,\|\, p(z))$ in closed form (the model's, on the encoder's input)."""
-        extra = {} if proposal is None else {"proposal": proposal}  # `proposal(x)`, computed once by the caller
-        return self.model.analytic_kl(self._encoder_input(x), per_dimension=per_dimension, **extra)
+        r"""$\mathrm{KL}(q(z \mid x_{\mathrm{obs}}) \,\|\, p(z))$ in closed form (the model's, on the encoder's input).
+
+        Hands the model only what its `analytic_kl` takes (`analytic_kl(x)` is enough, as for
+        `train.objective`); `per_dimension=True` of a model without it is a `ValueError`.
+        """
+        from elbojax.train import _takes
+
+        own = self.model.analytic_kl
+        extra = {}
+        if per_dimension:
+            if not _takes(own, "per_dimension"):
+                raise ValueError(f"{type(self.model).__name__}.analytic_kl gives no KL per dimension (no `per_dimension`).")
+            extra["per_dimension"] = True
+        if proposal is not None and _takes(own, "proposal"):  # `proposal(x)`, computed once by the caller
+            extra["proposal"] = proposal
+        return own(self._encoder_input(x), **extra)
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
         from elbojax.models.vae import resolve_kl
@@ -561,7 +580,10 @@ class NaNMasked:
         own = getattr(self.model, "kl_mode", None)
         if callable(own):
             return own(kl, gradient=gradient)
-        return resolve_kl(kl, gradient, False, type(self.model).__name__)
+        # As `train.objective` decides for a model without `kl_mode`: Monte Carlo unless asked.
+        if kl == "auto":
+            return "monte_carlo"
+        return resolve_kl(kl, gradient, self.has_analytic_kl, type(self.model).__name__, "(it has no `analytic_kl`)")
 
 
 def objective(name: str = "iwae", **kwargs):
@@ -642,7 +664,9 @@ class MissingAwareEncoder(nnx.Module):
         return self.inner.loc_and_scale(jnp.concatenate([jnp.where(observed, x, 0.0), observed.astype(x.dtype)]))
 
     def __call__(self, x) -> distrax.MultivariateNormalDiag:
-        return distrax.MultivariateNormalDiag(*self.loc_and_scale(x))
+        # elbojax's subclass, as `GaussianMLPEncoder` returns: the same draws as the local fits'
+        # (`local.diagonal_gaussian`), which `gaps` pairs with it.
+        return MultivariateNormalDiag(*self.loc_and_scale(x))
 
 
 # ----------------------------------------------------------------------------------------------

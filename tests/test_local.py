@@ -271,6 +271,16 @@ def test_errors_name_what_was_expected():
         local.make_svi_step(graphdef, optax.sgd(0.1), objective=local.objective(), inner_optimizer=optax.sgd(0.1), num_inner_steps=1, seed=2**32)
 
 
+def test_svi_init_refuses_variables_that_are_not_params():
+    class WithStats(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.zeros(3))
+            self.mean = nnx.BatchStat(jnp.zeros(3))
+
+    with pytest.raises(ValueError, match=r"WithStats has other variables: mean \(BatchStat\)"):
+        local.svi_init(WithStats(), optax.sgd(0.1), local.DiagonalGaussian(jnp.zeros(3), jnp.zeros(3)), num_points=4)
+
+
 def test_point_keys_and_batch_indices_must_be_integers():
     key = jax.random.key(0)
     for bad in (jnp.array([0.2, 0.9, 1.5]), jnp.array([True, False, True])):

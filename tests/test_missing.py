@@ -363,6 +363,11 @@ def test_hidden_region_mask():
     assert not left[:, :3].any() and left[:, 3:].all()
     with pytest.raises(ValueError, match=r"`region` must be one of 'top', 'bottom', 'left', 'right'; got 'middle'"):
         missing.hidden_region_mask("middle")
+    # An odd height: the middle row is the bottom half's; a height of 1 has no halves (top hid nothing).
+    np.testing.assert_array_equal(missing.hidden_region_mask("bottom", (3, 1)), [True, False, False])
+    with pytest.raises(ValueError, match=r"Hiding the top half needs a height of 2 or more, got shape \(1, 4\)"):
+        missing.hidden_region_mask("top", (1, 4))
+    assert missing.hidden_region_mask("left", (1, 4)).tolist() == [False, False, True, True]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,6 +398,10 @@ def test_masks_of_the_wrong_type_or_shape_fail_at_trace_time():
         np.testing.assert_array_equal(missing.mark_missing(to(batch), to(row_mask)), np.where(row_mask, batch, np.nan))
     with pytest.raises(ValueError, match=r"shape of `x`, \(2, 4\) \(or of one row of a batch `x`\), got \(3,\)"):
         missing.mark_missing(batch, np.ones(3, bool))
+    images = np.ones((2, 3, 4))  # a (4,) mask is neither x's shape nor one image's (3, 4): it was broadcast
+    for to in (np.asarray, jnp.asarray):
+        with pytest.raises(ValueError, match=r"got \(4,\)"):
+            missing.mark_missing(to(images), to(np.array([True, False, True, False])))
     with pytest.raises(TypeError, match=r"`mask` must be a bool array"):
         missing.masked_bernoulli_log_likelihood(x, x, [1, 0] * 6)
 
@@ -411,6 +420,43 @@ def test_other_argument_errors():
         missing.linear_gaussian_conditional(model, jnp.zeros(3), np.ones(3, bool))
     with pytest.raises(TypeError, match=r"needs a concrete mask"):
         jax.jit(lambda m: missing.marginal_linear_gaussian(model, m))(jnp.ones(3, bool))
+
+
+class _KLOfXOnly(nnx.Module):
+    """A model whose closed-form KL takes `x` alone, and which has no `kl_mode` (as `train.objective` allows)."""
+
+    def __init__(self, vae):
+        self.vae = vae
+        self.decoder, self.likelihood, self.data_dim = vae.decoder, vae.likelihood, np.int64(vae.data_dim)
+        self.has_analytic_kl = True
+
+    def proposal(self, x):
+        return self.vae.proposal(x)
+
+    def log_prior(self, z):
+        return self.vae.log_prior(z)
+
+    def log_likelihood(self, x, z):
+        return self.vae.log_likelihood(x, z)
+
+    def log_joint(self, x, z):
+        return self.vae.log_joint(x, z)
+
+    def analytic_kl(self, x):
+        return self.vae.analytic_kl(x)
+
+
+def test_a_complete_batch_trains_as_train_objective_does_for_a_model_with_analytic_kl_of_x():
+    """`NaNMasked` passed `per_dimension=` to every `analytic_kl`, and refused kl='analytic' for a
+    model without `kl_mode`; a NumPy `data_dim` was "a model elbojax does not know"."""
+    model = _KLOfXOnly(_vae("bernoulli"))
+    batch = (jax.random.uniform(jax.random.key(3), (4, 12)) > 0.5).astype(jnp.float32)
+    keys_ = jax.random.split(jax.random.key(0), 4)
+    for kl in ("auto", "analytic", "monte_carlo"):
+        ours = missing.objective("elbo", kl=kl, num_samples=2)(keys_, model, batch, jnp.asarray(0))
+        theirs = train.objective("elbo", kl=kl, num_samples=2)(keys_, model, batch, jnp.asarray(0))
+        np.testing.assert_allclose(ours.objective, theirs.objective, rtol=1e-6)
+        np.testing.assert_allclose(ours.kl, theirs.kl, rtol=1e-6)
 
 
 def test_completions_picture(tmp_path):
