@@ -448,10 +448,9 @@ def _git_revision() -> str | None:
     source = Path(__file__).resolve().parent
     git = lambda *command: subprocess.run(["git", "-C", str(source), *command], capture_output=True, text=True, timeout=10)
     try:
-        top = git("rev-parse", "--show-toplevel")
-        # Only elbojax's own checkout: an installed copy inside another project's repository
-        # (a virtual environment in a project folder) is not at that repository's top.
-        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != source.parent:
+        # Only a checkout that tracks this source: an installed copy inside another project's
+        # repository (a virtual environment in a project folder) is not tracked by it.
+        if git("ls-files", "--error-unmatch", Path(__file__).name).returncode != 0:
             return None  # an installed wheel, not a checkout
         revision = git("rev-parse", "HEAD")
         status = git("status", "--porcelain", "--untracked-files=no")
@@ -666,8 +665,13 @@ def _evaluate_and_report(run_dir: Path, graphdef, params, dataset, config: dict,
 def load_run(run_dir, data_dir=None):
     """The trained model of a run folder (its latest checkpoint): an `elbojax.models.VAE` or `TwoLayerVAE`.
     Its data (for the model's sizes and output bias) come from `data_dir`, else the run's own folder."""
-    run_dir = Path(run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
+    run_dir = Path(run_dir).expanduser()
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run folder (no config.json).")
+    try:  # completed and checked as `evaluate` reads it
+        config = _run_config(run_dir)
+    except SystemExit as error:  # the command line's one-line errors, as a library's exception
+        raise ValueError(str(error.code).removeprefix("elbojax: ")) from None
     return _restore(run_dir, config, _load_dataset(config["data"], data_dir or config.get("data_dir"), False))
 
 
@@ -692,6 +696,8 @@ def _restore(run_dir: Path, config: dict, dataset, mesh=None):
 
 def _restored_for_command(run_dir: Path, config: dict, dataset, mesh=None):
     """`_restore` for `evaluate` and `impute`: a run without a checkpoint yet is a clear error."""
+    from elbojax import train as train_lib
+
     try:
         return _restore(run_dir, config, dataset, mesh)
     except FileNotFoundError:
@@ -699,7 +705,7 @@ def _restored_for_command(run_dir: Path, config: dict, dataset, mesh=None):
             f"elbojax: {run_dir} has no checkpoint yet (it stopped before its first one); continue it "
             f"with `elbojax train --run-dir {run_dir} --resume`"
         ) from None
-    except ValueError as error:  # a checkpoint that does not fit the model of its config.json
+    except train_lib.CheckpointMismatch as error:  # a checkpoint that does not fit the model of its config.json
         raise SystemExit(f"elbojax: {run_dir}: {error}") from None
 
 
@@ -732,9 +738,9 @@ def _train(args) -> int:
         state = train.fit(graphdef, state, optimizer, objective_fn, images, run_dir=args.run_dir, config=_fit_config(config), progress=not args.no_progress, mesh=mesh)
     except train.TrainingStopped as error:  # too many non-finite steps in a row
         raise SystemExit(f"elbojax: {error} A resumed run keeps its settings: for a lower --learning-rate, start a new run.") from None
-    except ValueError as error:  # on --resume: a checkpoint that does not fit the model of its config.json
+    except train.CheckpointMismatch as error:  # on --resume: a checkpoint that does not fit the model of its config.json
         raise SystemExit(f"elbojax: {args.run_dir}: {error}") from None
-    except KeyboardInterrupt:  # fit has checkpointed the last finished call
+    except KeyboardInterrupt:  # fit has checkpointed the last finished call (single-process runs)
         print(f"elbojax: interrupted; continue with `elbojax train --run-dir {args.run_dir} --resume`", file=sys.stderr)
         raise SystemExit(130) from None
     _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points, mesh)

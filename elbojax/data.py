@@ -374,7 +374,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     # A reader, or a second process downloading the same file, sees the whole file or none.
     # os.open with 0o666 gives the mode a plain write would (the umask applies; mkstemp's is 0600).
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
-    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)

@@ -380,11 +380,23 @@ def kl_per_dimension(proposal_mean, proposal_scale, prior_mean=0.0, prior_scale=
             raise ValueError(
                 f"`{name}` must be broadcastable to the proposal's shape {shape}, got shape {value.shape}."
             )
-    log_scale_ratio = jnp.log(proposal_scale) - jnp.log(prior_scale)
-    standardized = (proposal_mean - prior_mean) / prior_scale
-    kl = 0.5 * standardized**2 + 0.5 * jnp.expm1(2.0 * log_scale_ratio) - log_scale_ratio
+    kl, log_scale_ratio = _kl_terms(proposal_mean, proposal_scale, prior_mean, prior_scale)
     # An infinite proposal scale, or a zero prior scale: +inf, the limit (expm1(inf) - inf is NaN).
     return jnp.where(jnp.isposinf(log_scale_ratio), jnp.inf, kl)
+
+
+def _kl_terms(proposal_mean, proposal_scale, prior_mean, prior_scale):
+    """The per-dimension KL (NaN for an infinite scale ratio) and the log scale ratio."""
+    log_scale_ratio = jnp.log(proposal_scale) - jnp.log(prior_scale)
+    standardized = (proposal_mean - prior_mean) / prior_scale
+    return 0.5 * standardized**2 + 0.5 * jnp.expm1(2.0 * log_scale_ratio) - log_scale_ratio, log_scale_ratio
+
+
+def _fused_kl_per_dimension(proposal_mean, proposal_scale, prior_mean=0.0, prior_scale=1.0) -> jax.Array:
+    """`kl_per_dimension` without its checks and its guard for infinite scale ratios: the form
+    the training step differentiates (one fused pass; a finite step never meets the guard's case,
+    and a non-finite one is skipped either way)."""
+    return _kl_terms(proposal_mean, proposal_scale, prior_mean, prior_scale)[0]
 
 
 class ActiveUnits(NamedTuple):

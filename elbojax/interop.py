@@ -27,8 +27,9 @@ with (as `SVI.init` and `svi.update` do), the observed data among them (`obs=` s
   reports `reparameterization_type = "NOT_REPARAMETERIZED"`, elbojax refuses `"stl"`/`"dreg"`
   and a pathwise gradient with respect to the guide, and the value at such sites carries no
   gradient (as in NumPyro's own ELBOs).
-* A model with `param` sites of its own (a decoder, say) is evaluated with
-  `adapter.log_joint_with(params)`, which returns a `log_joint(x, z)` closed over them.
+* A model with `param` sites (its own, a decoder say, or ones it shares with the guide) is
+  evaluated with `adapter.log_joint_with(params)`, which returns a `log_joint(x, z)` closed over
+  them.
 * An amortised guide (one that reads the data) sees the data bound at construction: build the
   adapter inside the function you vmap over data points (construction only traces). A
   replacing `x` of another shape is refused: NumPyro would broadcast it into a wrong number.
@@ -377,7 +378,7 @@ class NumPyroAdapter:
         """
         if self._model_params:
             raise ValueError(
-                f"The model has param sites of its own ({_names(self._model_params)}): use "
+                f"The model has param sites (its own, or shared with the guide: {_names(self._model_params)}): use "
                 "`adapter.log_joint_with(params)` as the `log_joint`."
             )
         return self._log_joint({}, x, z)
@@ -590,9 +591,11 @@ class TFPJointAdapter:
         shapes = _event_shapes(joint, names)
         self._latent_shapes = {n: s for n, s in shapes.items() if n in self.latent_names}
         for name in self.observed_names:  # TFP would broadcast a wrong shape into a wrong number
-            event, got = shapes[name], jnp.shape(observed[name])
-            nested = not all(isinstance(d, int) for d in event)  # a joint inside the joint: TFP checks its parts
-            if not nested and (len(got) < len(event) or got[len(got) - len(event):] != event):
+            event = shapes[name]
+            if not all(isinstance(d, int) for d in event):
+                continue  # a joint inside the joint: TFP checks its parts
+            got = jnp.shape(observed[name])
+            if len(got) < len(event) or got[len(got) - len(event):] != event:
                 raise ValueError(
                     f"`observed[{name!r}]` must end in the node's event shape {event}, got shape {got} "
                     "(TFP would broadcast it into copies of the observation)."

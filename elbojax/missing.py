@@ -132,7 +132,7 @@ def mark_missing(x, mask):
     if isinstance(mask, (list, tuple)):
         mask = np.asarray(mask)
     mask_shape = tuple(np.shape(mask))
-    if len(np.shape(x)) >= 1 and tuple(np.shape(x))[1:] == mask_shape:  # exactly one point's shape, not a suffix of it
+    if mask_shape and tuple(np.shape(x))[1:] == mask_shape:  # exactly one point's shape, not a suffix of it
         broadcast = np.broadcast_to if isinstance(mask, _NUMPY_TYPES) else jnp.broadcast_to
         mask = broadcast(mask, np.shape(x))  # one point's mask, for every row of the batch
     if isinstance(x, _NUMPY_TYPES) and isinstance(mask, _NUMPY_TYPES):
@@ -583,7 +583,8 @@ class NaNMasked:
         # As `train.objective` decides for a model without `kl_mode`: Monte Carlo unless asked.
         if kl == "auto":
             return "monte_carlo"
-        return resolve_kl(kl, gradient, self.has_analytic_kl, type(self.model).__name__, "(it has no `analytic_kl`)")
+        has_closed_form = callable(getattr(self.model, "analytic_kl", None))
+        return resolve_kl(kl, gradient, has_closed_form, type(self.model).__name__, "(it has no `analytic_kl`)")
 
 
 def objective(name: str = "iwae", **kwargs):

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from elbojax import _checks
 from elbojax._keys import normal
-from elbojax.diagnostics import kl_per_dimension
+from elbojax.diagnostics import _fused_kl_per_dimension
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -222,7 +222,7 @@ class MultivariateNormalDiag(distrax.MultivariateNormalDiag):
             # The same event shape (as distrax requires): a (1,) prior broadcast over d dimensions
             # would be another prior.
             if shape == loc.shape and tuple(other_dist.event_shape) == tuple(self.event_shape):
-                return jnp.sum(kl_per_dimension(loc, scale, other_loc, other_scale), axis=-1)
+                return jnp.sum(_fused_kl_per_dimension(loc, scale, other_loc, other_scale), axis=-1)
         return super().kl_divergence(other_dist, **kwargs)
 
     def _sample_n(self, key, n):

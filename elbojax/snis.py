@@ -223,10 +223,19 @@ def importance_samples(key, x, log_joint, proposal, *, num_samples: int, chunk_s
     def chunk_fn(start, count):
         z, log_q = _draw(problem, start, count)
         if problem.guard is not None:  # a discrete proposal: no pathwise gradient, as in `elbojax.log_weights`
-            log_q = grads.forbid_pathwise(log_q, problem.guard)
+            log_q = grads.forbid_pathwise(log_q, _pathwise_refusal(problem.proposal))
         return z, _log_joint(problem, z) - log_q
 
     return _map_chunks(chunk_fn, problem)
+
+
+def _pathwise_refusal(proposal) -> str:
+    return (
+        f"The log-weights of `importance_samples` / `importance_resample` have no pathwise gradient "
+        f"through {type(proposal).__name__}: its samples are not a differentiable function of its "
+        "parameters. Differentiate `elbojax.iwae_bound(..., gradient='score')` or another "
+        "score-function estimator instead, or stop the gradient at the proposal."
+    )
 
 
 class Resampled(NamedTuple):

@@ -528,7 +528,8 @@ def make_multi_step(step, *, check: str = "call"):
         return _unless_replaced(ok, result, lambda: _call_skipped(state, result[1], ok))
 
     def multi_step(state: TrainState, batches, indices):
-        _check_stacked(batches, indices)
+        if ours:  # a step of your own may stack its batches otherwise
+            _check_stacked(batches, indices)
         if unchecked is None:
             return checked(state, batches, indices)
         fast = scan(unchecked, state, batches, indices)
@@ -743,7 +744,7 @@ def fit(
     if config.binarize == "none":
         present = images[~np.isnan(images)] if accepts_missing and data.is_float(images.dtype) else images
         data.check_for_likelihood(present, _likelihood_of(graphdef, state.params), "images")
-        _check_fits_float32(present, "images")
+        _check_fits_float32(images, "images")  # NaN (missing) entries are not its concern
     elif images.dtype != np.uint8:
         raise TypeError(f"binarize='dynamic' needs uint8 grey levels, got dtype {images.dtype}; pass binarize='none' for data that are already binary.")
     mesh = distributed.data_mesh(1) if mesh is None else mesh
@@ -935,6 +936,10 @@ def _record_step(line: str, json) -> int | None:
         return None
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tree is not the model's and optimizer's (`restore`)."""
+
+
 def restore(manager, state: TrainState, step: int | None = None) -> TrainState:
     """Checkpoint `step` (default: the latest) of an orbax `manager`, in the layout of `state`.
 
@@ -942,7 +947,8 @@ def restore(manager, state: TrainState, step: int | None = None) -> TrainState:
     and shardings to restore into. Checkpoints written while the parameters were an
     `nnx.State` (every leaf under a `value` key, as elbojax wrote them until the parameters
     became plain dicts) are read as well, and come back in the current layout. A checkpoint of
-    another model or optimizer raises a `ValueError` with orbax's account of what differs.
+    another model or optimizer raises a `CheckpointMismatch` (a `ValueError`) with orbax's
+    account of what differs.
     """
     import orbax.checkpoint as ocp
 
@@ -962,7 +968,7 @@ def restore(manager, state: TrainState, step: int | None = None) -> TrainState:
         try:
             restored = manager.restore(step, args=ocp.args.StandardRestore(older))
         except ValueError:  # neither layout
-            raise ValueError(
+            raise CheckpointMismatch(
                 f"The checkpoint of step {step} in {manager.directory} does not fit this model and optimizer "
                 f"(a different architecture, latent size or optimizer?). Orbax says: {error}"
             ) from None

@@ -386,9 +386,13 @@ def test_a_hand_edited_run_config_is_completed_and_checked(run, tmp_path):
     assert (lean / "evaluation.json").exists() and (lean / "samples.png").exists() and not (lean / "training_curve.png").exists()
     text = _copy_run(run, tmp_path / "text", lambda c: {**c, "hidden": "32"})
     assert cli.main(["evaluate", str(text), *QUICK_EVAL]) == 0
+    for folder in (lean, text):  # and load_run reads them the same way (KeyError, and hidden ('3', '2'), before)
+        assert cli.load_run(folder).log_joint(jnp.zeros(784), jnp.zeros(2)).shape == ()
     zero = _copy_run(run, tmp_path / "zero", lambda c: {**c, "latent_dim": 0})
     with pytest.raises(SystemExit, match=r"elbojax: .*zero/config.json: --latent-dim must be >= 1, got 0"):
         cli.main(["evaluate", str(zero), *QUICK_EVAL])
+    with pytest.raises(ValueError, match=r"zero/config.json: --latent-dim must be >= 1, got 0"):
+        cli.load_run(zero)
     other = _copy_run(run, tmp_path / "other", lambda c: {**c, "latent_dim": 3})
     for command in (["evaluate", str(other), *QUICK_EVAL], ["train", "--run-dir", str(other), "--resume", "--steps", "40", "--no-progress", *QUICK_EVAL]):
         with pytest.raises(SystemExit, match=r"elbojax: .*other: .*does not fit"):
@@ -433,18 +437,18 @@ def test_the_git_revision_is_elbojax_own_not_an_enclosing_repository(tmp_path, m
     if shutil.which("git") is None:
         pytest.skip("no git")
     project = tmp_path / "project"
-    (project / "venv" / "elbojax").mkdir(parents=True)
+    for folder in ("venv/lib/elbojax", "libs/elbojax"):
+        (project / folder).mkdir(parents=True)
+        (project / folder / "cli.py").write_text("")
     git = lambda *args: subprocess.run(["git", "-C", str(project), *args], check=True, capture_output=True)
     git("init", "-q")
-    (project / "venv" / "elbojax" / "cli.py").write_text("")
-    git("add", ".")
+    git("add", "libs")  # the virtual environment is not tracked
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
-    monkeypatch.setattr(cli, "__file__", str(project / "venv" / "elbojax" / "cli.py"))
+    monkeypatch.setattr(cli, "__file__", str(project / "venv" / "lib" / "elbojax" / "cli.py"))
     assert cli._git_revision() is None  # an installed copy inside another project's repository
-    (project / "elbojax").mkdir()
-    monkeypatch.setattr(cli, "__file__", str(project / "elbojax" / "cli.py"))
+    monkeypatch.setattr(cli, "__file__", str(project / "libs" / "elbojax" / "cli.py"))
     head = subprocess.run(["git", "-C", str(project), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert cli._git_revision() == head  # a checkout of its own
+    assert cli._git_revision() == head  # a tracked checkout, also inside a larger repository
 
 
 def test_ctrl_c_during_training_is_a_resumable_stop_without_a_traceback(tmp_path, monkeypatch, capsys):

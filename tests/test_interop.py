@@ -236,7 +236,7 @@ def test_numpyro_model_parameters_go_through_log_joint_with(x64):
     y = jnp.asarray(Y)
     adapter = from_numpyro(shifted_model, simple_guide, y)
     assert adapter.param_sites == ("loc", "shift")
-    with pytest.raises(ValueError, match=r"param sites of its own \('shift'\).*log_joint_with"):
+    with pytest.raises(ValueError, match=r"param sites \(its own, or shared with the guide: 'shift'\).*log_joint_with"):
         adapter.log_joint(None, {"mu": jnp.asarray(0.1)})
 
     @jax.jit
@@ -496,7 +496,7 @@ def test_numpyro_a_param_site_shared_by_model_and_guide_is_set_in_the_model(x64)
     y = jnp.asarray(Y)
     adapter = from_numpyro(shared_model, shared_guide, y)
     params, z = {"sigma": jnp.asarray(2.0), "m": jnp.asarray(0.3)}, {"mu": jnp.asarray(0.1)}
-    with pytest.raises(ValueError, match=r"param sites of its own \('sigma'\)"):
+    with pytest.raises(ValueError, match=r"param sites \(its own, or shared with the guide: 'sigma'\)"):
         adapter.log_joint(None, z)
     np.testing.assert_allclose(adapter.log_joint_with(params)(None, z), log_density(shared_model, (y,), {}, {**params, **z})[0], rtol=1e-13)
 
@@ -525,3 +525,10 @@ def test_tfp_observed_values_must_end_in_their_event_shape(x64):
     for bad in (jnp.asarray(1.0), jnp.ones(1)):
         with pytest.raises(ValueError, match=r"`observed\['y'\]` must end in the node's event shape \(3,\), got shape"):
             from_tfp_joint(joint, observed={"y": bad})
+    # A node that is a joint itself: its parts are TFP's to check (its value is no array).
+    nested = tfd.JointDistributionSequential([
+        tfd.Normal(0.0, 1.0),
+        lambda mu: tfd.JointDistributionSequential([tfd.Normal(mu, 1.0), tfd.Sample(tfd.Normal(mu, 1.0), 3)]),
+    ])
+    adapter = from_tfp_joint(nested, observed={"x": [jnp.asarray(0.5), jnp.zeros(3)]})
+    np.testing.assert_allclose(adapter.log_joint(None, jnp.asarray(0.2)), nested.log_prob([0.2, [0.5, jnp.zeros(3)]]))

@@ -398,6 +398,8 @@ def test_masks_of_the_wrong_type_or_shape_fail_at_trace_time():
         np.testing.assert_array_equal(missing.mark_missing(to(batch), to(row_mask)), np.where(row_mask, batch, np.nan))
     with pytest.raises(ValueError, match=r"shape of `x`, \(2, 4\) \(or of one row of a batch `x`\), got \(3,\)"):
         missing.mark_missing(batch, np.ones(3, bool))
+    with pytest.raises(ValueError, match=r"got \(\)"):  # a scalar mask is not one point's
+        missing.mark_missing(np.ones(4), np.array(False))
     images = np.ones((2, 3, 4))  # a (4,) mask is neither x's shape nor one image's (3, 4): it was broadcast
     for to in (np.asarray, jnp.asarray):
         with pytest.raises(ValueError, match=r"got \(4,\)"):
@@ -428,7 +430,6 @@ class _KLOfXOnly(nnx.Module):
     def __init__(self, vae):
         self.vae = vae
         self.decoder, self.likelihood, self.data_dim = vae.decoder, vae.likelihood, np.int64(vae.data_dim)
-        self.has_analytic_kl = True
 
     def proposal(self, x):
         return self.vae.proposal(x)
@@ -449,7 +450,7 @@ class _KLOfXOnly(nnx.Module):
 def test_a_complete_batch_trains_as_train_objective_does_for_a_model_with_analytic_kl_of_x():
     """`NaNMasked` passed `per_dimension=` to every `analytic_kl`, and refused kl='analytic' for a
     model without `kl_mode`; a NumPy `data_dim` was "a model elbojax does not know"."""
-    model = _KLOfXOnly(_vae("bernoulli"))
+    model = _KLOfXOnly(_vae("bernoulli"))  # no `has_analytic_kl` either: `analytic_kl` is enough
     batch = (jax.random.uniform(jax.random.key(3), (4, 12)) > 0.5).astype(jnp.float32)
     keys_ = jax.random.split(jax.random.key(0), 4)
     for kl in ("auto", "analytic", "monte_carlo"):

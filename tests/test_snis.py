@@ -245,7 +245,7 @@ def test_importance_samples_refuse_a_pathwise_gradient_through_a_discrete_propos
     loss = lambda l, fn: fn(jax.random.key(0), None, log_joint, distrax.Categorical(logits=l), num_samples=3)
     with pytest.raises(ValueError, match=r"needs a reparameterizable proposal"):
         jax.grad(lambda l: loss(l, ej.log_weights).sum())(logits)
-    with pytest.raises(ValueError, match=r"needs a reparameterizable proposal"):
+    with pytest.raises(ValueError, match=r"importance_samples` / `importance_resample` have no pathwise gradient through Categorical"):
         jax.grad(lambda l: loss(l, snis.importance_samples)[1].sum())(logits)
-    with pytest.raises(ValueError, match=r"needs a reparameterizable proposal"):
+    with pytest.raises(ValueError, match=r"no pathwise gradient through Categorical"):
         jax.grad(lambda l: snis.importance_resample(jax.random.key(0), None, log_joint, distrax.Categorical(logits=l), num_samples=3, num_resampled=2).log_weights.sum())(logits)

@@ -399,6 +399,18 @@ def test_a_multi_step_call_needs_stacked_batches(setup):
         multi(state, setup[:16].reshape(2, 8, 6), jnp.arange(24).reshape(3, 8))
 
 
+def test_a_step_of_your_own_may_stack_its_batches_its_own_way(setup):
+    """The stacking check is for `make_step`'s steps; a custom step's per-step leaves of shape (S,)
+    and `indices=None` are scanned as they are."""
+    def own_step(total, batch, indices):
+        assert indices is None
+        return total + batch["scale"] * jnp.sum(batch["x"]), total
+
+    batches = {"x": setup[:16].reshape(2, 8, 6), "scale": jnp.array([1.0, 2.0])}
+    total, _ = jax.jit(train.make_multi_step(own_step))(jnp.zeros(()), batches, None)
+    np.testing.assert_allclose(total, jnp.sum(setup[:8]) + 2 * jnp.sum(setup[8:16]), rtol=1e-5)
+
+
 def test_init_refuses_variables_that_are_not_params():
     class WithBuffer(LinearVAE):
         def __init__(self, *args, **kwargs):

@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 from elbojax import _checks
-from elbojax.diagnostics import kl_per_dimension
+from elbojax.diagnostics import _fused_kl_per_dimension
 from elbojax.discrete import _expected_log_ratio, enumerated_mixed_elbo
 from elbojax.estimators import elbo
 from elbojax.models._layers import MLP, ONE_POINT, check_shape, linear
@@ -107,7 +107,7 @@ def _kl(proposal, prior, per_dimension: bool):
             "The KL per dimension needs a diagonal Gaussian proposal and prior (with `loc` and `scale_diag`), "
             f"got {type(proposal).__name__} and {type(prior_distribution).__name__}."
         )
-    return kl_per_dimension(*parts)
+    return _fused_kl_per_dimension(*parts)
 
 
 def _check_conditional_sizes(encoder, decoder, prior, num_classes: int, encoder_name: str) -> None:

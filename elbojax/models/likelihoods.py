@@ -145,7 +145,7 @@ def _check_probabilities(mean) -> None:
     bad = ~((mean >= 0) & (mean <= 1))  # NaN is bad too
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
-        hint = " Grey levels 0..255 must be divided by 255 first." if np.nanmax(mean) > 1 else ""
+        hint = " Grey levels 0..255 must be divided by 255 first." if np.any(mean > 1) else ""
         raise ValueError(
             f"`mean` must be per-pixel means in [0, 1], got {mean[index]!s} at index {index} "
             f"({int(bad.sum())} of {mean.size} values).{hint}"

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from elbojax.estimators import elbo as mc_elbo
-from elbojax.diagnostics import kl_per_dimension
+from elbojax.diagnostics import _fused_kl_per_dimension
 from elbojax.estimators import elbo_analytic_kl
 from elbojax.models._layers import ONE_POINT, ONE_SAMPLE, check_choice, check_shape
 from elbojax.models.likelihoods import bernoulli_log_likelihood, gaussian_log_likelihood
@@ -184,7 +184,7 @@ class VAE(nnx.Module):
                 f"`scale_diag`), got {type(proposal).__name__} and {type(prior).__name__}."
             )
         q_loc, q_scale, p_loc, p_scale = parts
-        return kl_per_dimension(q_loc, q_scale, p_loc, p_scale)
+        return _fused_kl_per_dimension(q_loc, q_scale, p_loc, p_scale)
 
     def decode_mean(self, z):
         r"""$\mathbb{E}[x \mid z]$ for one `z`: the pixel probabilities (Bernoulli) or the mean (Gaussian)."""
