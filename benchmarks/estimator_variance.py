@@ -88,6 +88,7 @@ import dataclasses
 import functools
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -612,7 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    _report.capture(args.out, "estimator_variance", "python benchmarks/estimator_variance.py" + (" --quick" if args.quick else ""), quick=args.quick)
+    given = list(sys.argv[1:] if argv is None else argv)
+    given += ["--quick"] if args.quick and "--quick" not in given else []  # also when set by ELBOJAX_QUICK
+    _report.capture(args.out, "estimator_variance", " ".join(["python benchmarks/estimator_variance.py", *given]), quick=args.quick)
     # Before any array is created, so that every model and sample has the chosen precision.
     jax.config.update("jax_enable_x64", args.x64)
     dtype = jnp.float64 if args.x64 else jnp.float32

@@ -112,6 +112,8 @@ def _start_devices(args):
 
     from elbojax import distributed
 
+    if args.distributed_timeout < 1:
+        raise SystemExit(f"elbojax: --distributed-timeout must be >= 1, got {args.distributed_timeout}")
     if args.devices is None or args.devices == "all":
         per_process = None
     else:

@@ -56,13 +56,16 @@ def initialize(
       coordinator: `"host:port"` of process 0, which listens there.
       num_processes: how many processes take part (>= 1).
       process_id: this process, in `0 .. num_processes - 1`.
-      timeout: seconds to wait for all processes to join; a missing process or coordinator
-        is an error after that, never a hang.
+      timeout: seconds to wait for all processes to join, an int >= 1; a missing process or
+        coordinator ends the wait after that, never a hang.
 
     Raises:
-      ValueError: a missing or inconsistent argument.
-      RuntimeError: the processes did not all join within `timeout`.
+      TypeError, ValueError: a missing, mistyped or inconsistent argument.
+      RuntimeError: this process (not 0) found no coordinator, or could not join, within `timeout`.
+        Process 0 waiting for a process that never joins is ended by JAX itself (SIGABRT, with
+        DEADLINE_EXCEEDED in its log), which no Python code can catch.
     """
+    timeout = _checks.check_positive_int(timeout, "timeout")
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num_processes = _from_environment(num_processes, "JAX_NUM_PROCESSES", "num_processes")
     process_id = _from_environment(process_id, "JAX_PROCESS_ID", "process_id")
@@ -170,15 +173,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def row_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
     """Split axis `axis` of an `ndim`-dimensional array over the mesh's devices."""
-    if not _checks.is_int(ndim) or ndim < 1:
-        raise ValueError(f"`ndim` must be an int >= 1 (the array's number of axes), got {ndim!r}.")
-    ndim = int(ndim)
-    if not _checks.is_int(axis) or not -ndim <= axis < ndim:
-        raise ValueError(f"`axis` must be an int in [-{ndim}, {ndim}) for a {ndim}-dimensional array, got {axis!r}.")
-    axis = int(axis)
+    ndim, axis = _checked_axis(ndim, axis)
     spec = [None] * ndim
     spec[axis] = DATA_AXIS
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def _checked_axis(ndim, axis) -> tuple[int, int]:
+    if not _checks.is_int(ndim):
+        raise TypeError(f"`ndim` must be an int >= 1 (the array's number of axes), got {ndim!r}.")
+    if ndim < 1:
+        raise ValueError(f"`ndim` must be an int >= 1 (the array's number of axes), got {ndim!r}.")
+    ndim = int(ndim)
+    if not _checks.is_int(axis):
+        raise TypeError(f"`axis` must be an int in [-{ndim}, {ndim}) for a {ndim}-dimensional array, got {axis!r}.")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"`axis` must be an int in [-{ndim}, {ndim}) for a {ndim}-dimensional array, got {axis!r}.")
+    return ndim, int(axis)
 
 
 def check_divisible(size: int, mesh: Mesh, what: str) -> None:
@@ -212,6 +223,7 @@ def shard_rows(shape: tuple[int, ...], mesh: Mesh, fetch: Callable[[tuple], np.n
     `fetch` gets a tuple of slices (one per dimension, as numpy indexing takes it) and returns
     that block of the global array: a process never reads the rows other processes hold.
     """
+    _, axis = _checked_axis(len(shape), axis)  # before `shape[axis]` is read
     check_divisible(shape[axis], mesh, f"The size of axis {axis}")
     return jax.make_array_from_callback(tuple(shape), row_sharding(mesh, len(shape), axis), fetch)
 

@@ -31,6 +31,8 @@ def _run(script, out_dir, *arguments):
 def test_estimator_variance_runs(tmp_path):
     stdout = _run("estimator_variance.py", tmp_path)
     assert "naive" in stdout.lower()
+    header = (tmp_path / "estimator_variance.md").read_text().splitlines()[0]
+    assert f"estimator_variance.py --quick --out {tmp_path}" in header  # the flags it ran with (only --quick before)
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(p.stat().st_size > 10_000 for p in pngs)
 
@@ -112,6 +114,14 @@ def test_iwae_mnist_runs_and_resumes(tmp_path):
     again = _run("iwae_mnist.py", tmp_path)  # every row is cached in its run folder: nothing retrains
     assert again.count("cached:") == 3 and record["results"][0]["log_likelihood"] == json.loads(
         (tmp_path / "iwae_mnist.json").read_text())["results"][0]["log_likelihood"]
+    # A row whose folder holds a longer run (a checkpoint past its steps) retrains from scratch: resuming
+    # it trained nothing and reported the longer run's model under the shorter length.
+    folder = sorted((tmp_path / "iwae_mnist_runs").iterdir())[0]
+    (folder / "result.json").unlink()
+    (folder / "checkpoints" / "999999").mkdir()
+    third = _run("iwae_mnist.py", tmp_path)
+    assert third.count("cached:") == 2 and "training this row from scratch" in third
+    assert json.loads((folder / "result.json").read_text())["resumed_from_step"] == 0
 
 
 def test_report_copies_full_size_reports_only(tmp_path):

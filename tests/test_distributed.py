@@ -144,6 +144,13 @@ def test_bad_device_settings(tmp_path):
     # Counts are ints, numpy's included; a float is not truncated (2.7 processes became 2).
     with pytest.raises(TypeError, match=r"`num_processes` must be an int, got 2.7"):
         distributed.initialize("127.0.0.1:1234", 2.7, 0)
+    # A timeout of 0 or less waited forever (process 0 printed "waiting up to -1 s"); 2.5 was a "could not join".
+    for timeout, error in ((0, ValueError), (-1, ValueError), (2.5, TypeError), ("3", TypeError)):
+        with pytest.raises(error, match=r"`timeout` must be an int >= 1"):
+            distributed.initialize("127.0.0.1:1234", 2, 0, timeout=timeout)
+    with pytest.raises(SystemExit, match=r"--distributed-timeout must be >= 1, got 0"):
+        cli.main(["train", "--run-dir", str(tmp_path / "r"), "--coordinator", "127.0.0.1:1234", "--num-processes", "2",
+                  "--process-id", "0", "--distributed-timeout", "0"])
     with pytest.raises(TypeError, match=r"`num_devices` must be an int >= 1, got True"):
         distributed.data_mesh(True)
     assert distributed.data_mesh(np.int64(1)).size == 1

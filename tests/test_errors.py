@@ -325,10 +325,13 @@ def test_small_arguments_are_refused_with_what_was_expected():
     assert np.isfinite(score(np.float32(0.5)))
 
     mesh = distributed.data_mesh(1)
-    for ndim, axis, match in ((2, 2, r"`axis` must be an int in \[-2, 2\)"), (0, 0, "`ndim` must be an int >= 1"),
-                              (2, "0", r"`axis` must be an int")):
-        with pytest.raises(ValueError, match=match):
+    for ndim, axis, error, match in ((2, 2, ValueError, r"`axis` must be an int in \[-2, 2\)"), (0, 0, ValueError, "`ndim` must be an int >= 1"),
+                                     (2, "0", TypeError, r"`axis` must be an int"), (2.0, 0, TypeError, "`ndim` must be an int >= 1")):
+        with pytest.raises(error, match=match):
             distributed.row_sharding(mesh, ndim, axis)
+    for axis in (2, 1.0):  # checked before `shape[axis]` is read (an IndexError or TypeError from a tuple before)
+        with pytest.raises((ValueError, TypeError), match=r"`axis` must be an int in \[-2, 2\)"):
+            distributed.shard_rows((4, 3), mesh, lambda index: None, axis=axis)
 
     with pytest.raises(TypeError, match="static real number in \\(0, 0.5\\)"):
         jax.jit(lambda c: likelihoods.bias_from_data_mean(jnp.full(3, 0.5), clip=c))(0.01)
