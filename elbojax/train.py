@@ -36,9 +36,9 @@ the one-sample ELBO). `fit` is the host loop (batches, checkpoints, metrics, res
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
 
