@@ -39,3 +39,49 @@ def truncated_model(theta):
         value = jnp.log(2.0) + jax.scipy.stats.norm.logpdf(z) + jax.scipy.stats.norm.logpdf(x - z - theta)
         return jnp.where(z > 0, value, -jnp.inf)
     return log_joint
+
+
+def interrupt_fetching(monkeypatch, call: int):
+    """Make `train.fit`'s batch fetch raise KeyboardInterrupt (as Ctrl-C would) on its `call`-th call.
+
+    Returns a function that puts the real fetch back.
+    """
+    from elbojax import train
+
+    real, calls = train._batches_for, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_batches_for", interrupted)
+    return lambda: monkeypatch.setattr(train, "_batches_for", real)
+
+
+class KLOfXOnly:
+    """A VAE seen through `analytic_kl(x)` alone, with no `kl_mode` and no `per_dimension` (as
+    `train.objective` documents a custom model may be); `has_analytic_kl` only if asked. A mixin:
+    subclass it with `nnx.Module` to train it."""
+
+    def __init__(self, vae, *, has_analytic_kl: bool):
+        self.vae = vae
+        self.decoder, self.likelihood, self.data_dim = vae.decoder, vae.likelihood, np.int64(vae.data_dim)
+        if has_analytic_kl:
+            self.has_analytic_kl = True
+
+    def proposal(self, x):
+        return self.vae.proposal(x)
+
+    def log_prior(self, z):
+        return self.vae.log_prior(z)
+
+    def log_likelihood(self, x, z):
+        return self.vae.log_likelihood(x, z)
+
+    def log_joint(self, x, z):
+        return self.vae.log_joint(x, z)
+
+    def analytic_kl(self, x):
+        return self.vae.analytic_kl(x)

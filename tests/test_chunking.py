@@ -132,23 +132,29 @@ def test_16_bit_log_weights_give_exact_weight_gradients_in_dreg_vimco_and_piwae(
     q = ej.proposals.MultivariateNormalDiag(jnp.zeros(2, dtype), jnp.ones(2, dtype))
     model = lambda theta: (lambda x, z: (x + theta - 0.3 * jnp.sum(z**2)).astype(dtype))
     key, x = jax.random.key(3), jnp.asarray(-1000.0, dtype)
+
+    @jax.jit  # one compilation for everything below
+    def run():
+        dreg = [jax.grad(lambda t: ej.iwae_bound(key, x, model(t), q, num_samples=50, gradient="dreg", chunk_size=c))(0.0)
+                for c in (None, 10)]
+        piwae = lambda t: ej.partial_iwae_bound(key, x, model(t), q, num_groups=5, num_samples=10)
+        vimco = [ej.iwae_bound(key, x, model(0.0), q, num_samples=32, gradient="vimco", chunk_size=c) for c in (None, 16)]
+        reparam = [ej.iwae_bound(key, x, model(0.0), q, num_samples=32, chunk_size=c) for c in (None, 16)]
+        exact_in_16_bits = jnp.asarray([-50.25, -51.5, -49.75, -53.0], dtype)  # representable in both
+        signals = [ej.gradients.vimco_signals(exact_in_16_bits.astype(d)) for d in (dtype, jnp.float32)]
+        return dreg, jax.grad(piwae)(0.0), piwae(0.0), vimco, reparam, signals
+
+    dreg, piwae_grad, piwae, vimco, reparam, signals = run()
     # The cotangents themselves pass through the 16-bit log joint: plain reparameterised IWAE is off
     # by up to 2.5 of the dtype's epsilon here (0.0025 in float16, 0.02 in bfloat16).
     atol = 4 * float(jnp.finfo(dtype).eps)
-    for chunk_size in (None, 10):
-        dreg = jax.grad(lambda t: ej.iwae_bound(key, x, model(t), q, num_samples=50, gradient="dreg", chunk_size=chunk_size))(0.0)
-        np.testing.assert_allclose(dreg, 1.0, atol=atol)
-    piwae = jax.grad(lambda t: ej.partial_iwae_bound(key, x, model(t), q, num_groups=5, num_samples=10))(0.0)
-    np.testing.assert_allclose(piwae, 1.0, atol=atol)
-    assert ej.partial_iwae_bound(key, x, model(0.0), q, num_groups=5, num_samples=10).dtype == jnp.float32
-    for chunk_size in (None, 16):  # the value is the float32 IWAE bound of the same log-weights
-        vimco = ej.iwae_bound(key, x, model(0.0), q, num_samples=32, gradient="vimco", chunk_size=chunk_size)
-        reparam = ej.iwae_bound(key, x, model(0.0), q, num_samples=32, chunk_size=chunk_size)
-        assert vimco.dtype == reparam.dtype == jnp.float32
-        np.testing.assert_allclose(vimco, reparam, rtol=1e-6)
-    exact_in_16_bits = jnp.asarray([-50.25, -51.5, -49.75, -53.0], dtype)  # representable in both
-    np.testing.assert_allclose(ej.gradients.vimco_signals(exact_in_16_bits),
-                               ej.gradients.vimco_signals(exact_in_16_bits.astype(jnp.float32)), atol=1e-6)
+    np.testing.assert_allclose(dreg, [1.0, 1.0], atol=atol)  # unchunked and in chunks of 10
+    np.testing.assert_allclose(piwae_grad, 1.0, atol=atol)
+    assert piwae.dtype == jnp.float32
+    for ours, plain in zip(vimco, reparam):  # the value is the float32 IWAE bound of the same log-weights
+        assert ours.dtype == plain.dtype == jnp.float32
+        np.testing.assert_allclose(ours, plain, rtol=1e-6)
+    np.testing.assert_allclose(signals[0], signals[1], atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from elbojax import cli
+from helpers import interrupt_fetching
 
 TINY = ["--steps", "20", "--steps-per-call", "10", "--checkpoint-every", "10", "--eval-points", "20",
         "--eval-samples", "50", "--latent-dim", "2", "--hidden", "32", "--no-progress"]
@@ -452,23 +453,13 @@ def test_the_git_revision_is_elbojax_own_not_an_enclosing_repository(tmp_path, m
 
 
 def test_ctrl_c_during_training_is_a_resumable_stop_without_a_traceback(tmp_path, monkeypatch, capsys):
-    from elbojax import train
-
-    real, calls = train._batches_for, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_batches_for", interrupted)
+    restore_fetching = interrupt_fetching(monkeypatch, call=2)
     run_dir = tmp_path / "r"
     with pytest.raises(SystemExit) as stop:
         cli.main(["train", "--run-dir", str(run_dir), *TINY[:2], "--steps-per-call", "5", "--checkpoint-every", "10", *TINY[6:]])
     assert stop.value.code == 130
     err = capsys.readouterr().err
     assert "checkpointed step 5" in err and f"elbojax train --run-dir {run_dir} --resume" in err
-    monkeypatch.setattr(train, "_batches_for", real)
+    restore_fetching()
     assert cli.main(["train", "--run-dir", str(run_dir), "--resume", "--no-progress", *QUICK_EVAL]) == 0
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [5, 10, 15, 20]

@@ -12,7 +12,7 @@ from flax import nnx
 
 import elbojax as ej
 from elbojax import exact, missing, models, train
-from helpers import assert_within_se, keys
+from helpers import KLOfXOnly, assert_within_se, keys
 
 SE_LIMIT = 4.0  # Monte Carlo claims: within 4 standard errors, fixed keys
 MASK = np.array([True, False, True, True, False, True, False])  # 3 of 7 entries missing
@@ -424,33 +424,14 @@ def test_other_argument_errors():
         jax.jit(lambda m: missing.marginal_linear_gaussian(model, m))(jnp.ones(3, bool))
 
 
-class _KLOfXOnly(nnx.Module):
-    """A model whose closed-form KL takes `x` alone, and which has no `kl_mode` (as `train.objective` allows)."""
-
-    def __init__(self, vae):
-        self.vae = vae
-        self.decoder, self.likelihood, self.data_dim = vae.decoder, vae.likelihood, np.int64(vae.data_dim)
-
-    def proposal(self, x):
-        return self.vae.proposal(x)
-
-    def log_prior(self, z):
-        return self.vae.log_prior(z)
-
-    def log_likelihood(self, x, z):
-        return self.vae.log_likelihood(x, z)
-
-    def log_joint(self, x, z):
-        return self.vae.log_joint(x, z)
-
-    def analytic_kl(self, x):
-        return self.vae.analytic_kl(x)
+class _KLOfXOnly(KLOfXOnly, nnx.Module):
+    pass
 
 
 def test_a_complete_batch_trains_as_train_objective_does_for_a_model_with_analytic_kl_of_x():
     """`NaNMasked` passed `per_dimension=` to every `analytic_kl`, and refused kl='analytic' for a
     model without `kl_mode`; a NumPy `data_dim` was "a model elbojax does not know"."""
-    model = _KLOfXOnly(_vae("bernoulli"))  # no `has_analytic_kl` either: `analytic_kl` is enough
+    model = _KLOfXOnly(_vae("bernoulli"), has_analytic_kl=False)  # `analytic_kl` alone is enough
     batch = (jax.random.uniform(jax.random.key(3), (4, 12)) > 0.5).astype(jnp.float32)
     keys_ = jax.random.split(jax.random.key(0), 4)
     for kl in ("auto", "analytic", "monte_carlo"):

@@ -11,7 +11,7 @@ from flax import nnx
 import elbojax as ej
 from elbojax import models, train
 
-from helpers import assert_within_se, keys as split_keys
+from helpers import KLOfXOnly, assert_within_se, keys as split_keys
 
 DATA_DIM, LATENT_DIM = 8, 3
 
@@ -194,30 +194,13 @@ def test_weights_beyond_the_float32_range_are_refused():
             train.objective("elbo", **kwargs)
 
 
-class _KLOnlyModel(nnx.Module):
-    """A custom model with the closed-form KL as `objective`'s docstring asks: `analytic_kl(x)`, no
-    `per_dimension`, no `kl_mode`."""
-
-    def __init__(self, vae):
-        self.vae = vae
-        self.has_analytic_kl = True
-
-    def proposal(self, x):
-        return self.vae.proposal(x)
-
-    def log_joint(self, x, z):
-        return self.vae.log_joint(x, z)
-
-    def log_likelihood(self, x, z):
-        return self.vae.log_likelihood(x, z)
-
-    def analytic_kl(self, x):
-        return self.vae.analytic_kl(x)
+class _KLOnlyModel(KLOfXOnly, nnx.Module):
+    pass
 
 
 def test_a_custom_model_with_only_analytic_kl_of_x_trains_and_evaluates():
     vae = _vae()
-    model = _KLOnlyModel(vae)
+    model = _KLOnlyModel(vae, has_analytic_kl=True)
     terms = train.objective("elbo", kl="analytic")(_keys(), model, _batch(), jnp.asarray(0))
     expected = train.objective("elbo", kl="analytic")(_keys(), vae, _batch(), jnp.asarray(0))
     np.testing.assert_allclose(terms.objective, expected.objective, rtol=1e-6)

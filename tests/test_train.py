@@ -10,6 +10,7 @@ from flax import nnx
 
 import elbojax as ej
 from elbojax import exact, models, train
+from helpers import interrupt_fetching
 
 
 class LinearVAE(nnx.Module):
@@ -217,20 +218,12 @@ def test_ctrl_c_checkpoints_the_last_recorded_call_and_the_resume_is_exact(tmp_p
     import json
 
     whole = _fit(tmp_path / "whole", 40)
-    real, calls = train._batches_for, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "_batches_for", interrupted)
+    restore_fetching = interrupt_fetching(monkeypatch, call=4)
     with pytest.raises(KeyboardInterrupt):
         _fit(tmp_path / "split", 40)
     assert "interrupted: checkpointed step 15" in capsys.readouterr().err
     assert sorted(int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir()) == [10, 15]
-    monkeypatch.setattr(train, "_batches_for", real)
+    restore_fetching()
     resumed = _fit(tmp_path / "split", 40)
     _assert_same_params(resumed, whole)
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
