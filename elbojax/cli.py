@@ -498,9 +498,9 @@ def _recorded_environments(run_dir: Path) -> list:
 
 def _write_json(path: Path, record) -> None:
     """`record` as strict JSON (NaN and infinities as null), replacing `path` whole (never half-written)."""
-    temporary = path.with_name(f".{path.name}.part")
-    temporary.write_text(json.dumps(_strict(record), indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
+    from elbojax import data
+
+    data._write_atomically(path, (json.dumps(_strict(record), indent=2, allow_nan=False) + "\n").encode())
 
 
 def _strict(value):

@@ -371,7 +371,8 @@ def _fetch(url: str) -> bytes | None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    # A reader, or a second process downloading the same file, sees the whole file or none.
+    # A reader, or a second process downloading the same file, sees the whole file or none (also
+    # the run folder's JSON files and a truncated metrics file: `cli`, `train`).
     # os.open with 0o666 gives the mode a plain write would (the umask applies; mkstemp's is 0600).
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
     handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

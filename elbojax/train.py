@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple, Union
@@ -922,9 +921,9 @@ def _truncate_metrics(path, step: int) -> None:
     steps = [_record_step(line, json) for line in lines]
     kept = [line for line, at in zip(lines, steps) if at is not None and at <= step]
     if len(kept) != len(lines):  # also drops a line cut short by a kill (or a full disk) mid-write
-        temporary = path.with_name(f".{path.name}.part")  # replaced whole: a kill now loses nothing
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, path)
+        from elbojax import data
+
+        data._write_atomically(path, "".join(line + "\n" for line in kept).encode())  # a kill now loses nothing
 
 
 def _record_step(line: str, json) -> int | None:
