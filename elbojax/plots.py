@@ -38,6 +38,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _compiled(model, fn, *args):
+    """`fn(model, *args)` as one compiled call, the model's state an argument.
+
+    Called eagerly, each operation of the model would be compiled on its own: seconds for a
+    handful of images."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args))(state, *args)
+
+
 def _grid(images, columns: int):
     """Tile `(n, 784)` images into one `(rows*28, columns*28)` array."""
     images = np.asarray(images).reshape(-1, 28, 28)
@@ -90,7 +101,8 @@ def reconstructions(run_dir: Path, model, test, *, seed: int, count: int = 10) -
     plt = _pyplot()
     x = jnp.asarray(test[:count])
     count = x.shape[0]  # fewer test points than `count`: one column each
-    recon = jax.vmap(model.reconstruct)(jax.random.split(jax.random.key(seed), count), x)
+    keys = jax.random.split(jax.random.key(seed), count)
+    recon = _compiled(model, lambda model, keys, x: jax.vmap(model.reconstruct)(keys, x), keys, x)
     fig, ax = plt.subplots(figsize=(max(count, 3), 2.2))
     ax.imshow(_grid(np.concatenate([np.asarray(x), np.asarray(recon)]), count), cmap="gray_r", vmin=0, vmax=1)
     ax.set_title("test inputs (top) and reconstructions (bottom)")
@@ -102,7 +114,7 @@ def reconstructions(run_dir: Path, model, test, *, seed: int, count: int = 10) -
 def samples(run_dir: Path, model, *, seed: int, count: int = 64) -> Path:
     """E[x | z] for z drawn from the prior."""
     plt = _pyplot()
-    _, means = model.sample_prior(jax.random.key(seed + 1), count)
+    _, means = _compiled(model, lambda model, key: model.sample_prior(key, count), jax.random.key(seed + 1))
     fig, ax = plt.subplots(figsize=(6, 6))
     ax.imshow(_grid(means, 8), cmap="gray_r", vmin=0, vmax=1)
     ax.set_title("samples: E[x | z], z ~ p(z)")
@@ -123,7 +135,7 @@ def latent_space(run_dir: Path, model, test, labels) -> Path | None:
     None (no plot) for a proposal without a closed-form mean, such as a flow."""
     plt = _pyplot()
     try:
-        means = np.asarray(jax.vmap(lambda x: _proposal_mean(model.proposal(x)))(jnp.asarray(test)))
+        means = np.asarray(_compiled(model, lambda model, x: jax.vmap(lambda x: _proposal_mean(model.proposal(x)))(x), jnp.asarray(test)))
     except NotImplementedError:  # e.g. a flow proposal: distrax has no closed-form mean
         return None
     if means.shape[1] == 2:

@@ -1,6 +1,5 @@
 """The run plots on edge cases: a 1-D latent, a single test point, fewer points than a row."""
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
