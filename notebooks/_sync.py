@@ -12,7 +12,8 @@ of its code cells is stored in its metadata under `elbojax.code_sha256`. `tests/
 recomputes that hash, so a code cell edited without re-running this script fails the tests; the
 tests themselves execute a temporary copy with `ELBOJAX_QUICK=1` (the same code at small sizes).
 
-Every kernel shares the persistent JAX compilation cache in `.jax_cache/notebooks` (gitignored).
+Every kernel shares the persistent JAX compilation cache in `.jax_cache/notebooks` (gitignored),
+unless JAX_COMPILATION_CACHE_DIR names another (the tests' `conftest.py` gives one for their run).
 """
 
 from __future__ import annotations
