@@ -8,6 +8,7 @@ checked here; the host boundary (loaders, training loops, the command line) chec
 from __future__ import annotations
 
 import numbers
+import operator
 from typing import Any
 
 import jax
@@ -20,6 +21,14 @@ from elbojax.data import check_seed  # noqa: F401 (shared here; `data` itself st
 def is_int(value: Any) -> bool:
     """Whether `value` is a static integer (a Python or NumPy int; `bool` is not one)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def sample_shape(value: Any) -> tuple[int, ...]:
+    """A distribution's `sample_shape` as a tuple of ints: an int (Python, NumPy or a concrete 0-d
+    JAX integer, as distrax takes them) or a sequence of them."""
+    if np.ndim(value) == 0:
+        return (operator.index(value),)
+    return tuple(operator.index(size) for size in value)
 
 
 def check_positive_int(value: Any, name: str) -> int:

@@ -7,8 +7,8 @@ whole data set and takes the batch.
 
 **Effective sample size** (`effective_sample_size`, Kish 1965). From the log-weights
 $\ell_{1:K}$ of one data point,
-$\mathrm{ESS} = (\sum_k w_k)^2 / \sum_k w_k^2 \in [1, K]$: about $K$ when the weights are even,
-about 1 when one weight carries the estimate. It only sees the $K$ weights drawn, so a
+$\mathrm{ESS} = (\sum_k w_k)^2 / \sum_k w_k^2 \in [1, K]$ (0 when every weight is 0): about $K$
+when the weights are even, about 1 when one weight carries the estimate. It only sees the $K$ weights drawn, so a
 proposal that misses a region of the posterior altogether can still show a high ESS.
 
 **Pareto $\hat k$** (`pareto_k_hat`, Vehtari, Simpson, Gelman, Yao & Gabry,
@@ -99,8 +99,7 @@ def _gpd_shape(exceedances: jax.Array, tail_size: jax.Array) -> jax.Array:
     dtype = exceedances.dtype
     n = tail_size.astype(dtype)
     largest = exceedances[-1]
-    # y_(floor(n/4 + 1/2)) among the n positive entries, which come last.
-    first_quartile = exceedances[exceedances.shape[0] - tail_size + (tail_size + 2) // 4 - 1]
+    first_quartile = exceedances[_first_quartile_index(exceedances.shape[0], tail_size)]
     # The grid has a static maximal size; the points past the n-dependent size are masked out.
     num_points = _MIN_GRID_POINTS + jnp.floor(jnp.sqrt(n))
     j = jnp.arange(1, _MIN_GRID_POINTS + math.isqrt(exceedances.shape[0]) + 1, dtype=dtype)
@@ -113,6 +112,11 @@ def _gpd_shape(exceedances: jax.Array, tail_size: jax.Array) -> jax.Array:
     theta_mean = jnp.sum(weights * theta) / jnp.sum(weights)
     k_hat = jnp.sum(jnp.log1p(theta_mean * exceedances)) / n
     return (n * k_hat + _PRIOR_STRENGTH * _PRIOR_CENTRE) / (n + _PRIOR_STRENGTH)
+
+
+def _first_quartile_index(length: int, tail_size: jax.Array) -> jax.Array:
+    """The index of y_(floor(n/4 + 1/2)) in an ascending `(length,)` array whose n = `tail_size` positive entries come last."""
+    return length - tail_size + (tail_size + 2) // 4 - 1
 
 
 def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
@@ -146,7 +150,9 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
     as $e^{\ell_k - \max_j \ell_j}$ and the exceedances as
     $y_i / u = \mathrm{expm1}(\ell_{(K-M+i)} - \log u)$, so log-weights far outside the float
     range are fine. As in the reference implementation, $u$ is floored at the smallest normal
-    float times the largest weight.
+    float times the largest weight, and the exceedances are divided by their first quartile
+    (computed in log space), so that the grid's $\theta_j$ stay of order one: divided by a
+    floored $u$ alone they reached $1/\text{tiny}$ and $\theta_j$ rounded to 0 (NaN).
 
     How to read it: $\hat k < 0.5$, the weights have finite variance and importance sampling is
     fine; $0.5 \le \hat k \le 0.7$, infinite variance, usable but slow to converge;
@@ -196,8 +202,11 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
     log_threshold = jnp.maximum(ordered[-tail_length - 1], jnp.log(jnp.finfo(ordered.dtype).tiny))
     top = ordered[-tail_length:]
     in_tail = top > log_threshold
-    exceedances = jnp.where(in_tail, jnp.expm1(top - log_threshold), 0.0)
     tail_size = jnp.sum(in_tail)
+    gaps = jnp.where(in_tail, top - log_threshold, 1.0)
+    log_exceedances = gaps + jnp.log(-jnp.expm1(-gaps))  # log(y_i / u) = log(expm1(gap)), no overflow
+    log_quartile = log_exceedances[_first_quartile_index(tail_length, tail_size)]
+    exceedances = jnp.where(in_tail, jnp.exp(log_exceedances - log_quartile), 0.0)
 
     k_hat = jnp.where(tail_size >= _MIN_TAIL, _gpd_shape(exceedances, tail_size), jnp.inf)
     # NaN stays NaN and +inf stays +inf; -inf (all weights zero) has an empty tail, so +inf.

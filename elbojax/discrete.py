@@ -132,9 +132,6 @@ def _check_temperature(temperature: Any, dtype) -> jax.Array:
     return jnp.asarray(temperature).astype(dtype)
 
 
-def _as_shape(sample_shape) -> tuple[int, ...]:
-    return (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
-
 
 def _check_value_shape(value, event_shape: tuple[int, ...], name: str) -> None:
     shape = tuple(jnp.shape(value))
@@ -462,16 +459,16 @@ class RelaxedOneHotCategorical(_Relaxed):
 
     def sample_and_log_prob(self, *, seed, sample_shape=()):
         """`z` of shape `(*sample_shape, *logits.shape)` and its log-density, shape `sample_shape`."""
-        log_sample = self._log_sample(seed, _as_shape(sample_shape))
+        log_sample = self._log_sample(seed, _checks.sample_shape(sample_shape))
         return jnp.exp(log_sample), self._log_density(log_sample)
 
     def sample(self, *, seed, sample_shape=()):
-        return jnp.exp(self._log_sample(seed, _as_shape(sample_shape)))
+        return jnp.exp(self._log_sample(seed, _checks.sample_shape(sample_shape)))
 
     # The log-space protocol (`elbojax.gradients.in_log_space`): the point is log z.
     def sample_log_space(self, *, seed, sample_shape=()):
         r"""$\log z$ of the sample `sample` draws with `seed`."""
-        return self._log_sample(seed, _as_shape(sample_shape))
+        return self._log_sample(seed, _checks.sample_shape(sample_shape))
 
     def value_from_log_space(self, log_value):
         return jnp.exp(log_value)
@@ -535,16 +532,16 @@ class RelaxedBernoulli(_Relaxed):
 
     def sample_and_log_prob(self, *, seed, sample_shape=()):
         """`z` of shape `(*sample_shape, *logits.shape)` and its log-density, shape `sample_shape`."""
-        logit_sample = self._logit_sample(seed, _as_shape(sample_shape))
+        logit_sample = self._logit_sample(seed, _checks.sample_shape(sample_shape))
         return jax.nn.sigmoid(logit_sample), self._log_density(logit_sample)
 
     def sample(self, *, seed, sample_shape=()):
-        return jax.nn.sigmoid(self._logit_sample(seed, _as_shape(sample_shape)))
+        return jax.nn.sigmoid(self._logit_sample(seed, _checks.sample_shape(sample_shape)))
 
     # The log-space protocol (`elbojax.gradients.in_log_space`): the point is the logit of z.
     def sample_log_space(self, *, seed, sample_shape=()):
         r"""The logit $y$ of the sample `sample` draws with `seed` ($z = \sigma(y)$)."""
-        return self._logit_sample(seed, _as_shape(sample_shape))
+        return self._logit_sample(seed, _checks.sample_shape(sample_shape))
 
     def value_from_log_space(self, logit_value):
         return jax.nn.sigmoid(logit_value)

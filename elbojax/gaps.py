@@ -116,11 +116,6 @@ def _log_marginal_and_se(weights):
     return estimate, jnp.sqrt(relative_variance / num)
 
 
-def _mean_and_se(values):
-    num = values.shape[0]
-    se = jnp.std(values, ddof=1) / math.sqrt(num) if num > 1 else jnp.nan
-    return jnp.mean(values), se
-
 
 def _as_argument(model):
     """`(graphdef, state, rebuild)`: the model travels into the jitted functions as an argument, not as baked-in constants.

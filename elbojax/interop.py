@@ -66,6 +66,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from elbojax import _checks
 from elbojax.proposals import as_proposal
 
 __all__ = ["from_numpyro", "from_tfp_joint", "NumPyroAdapter", "NumPyroProposal", "TFPJointAdapter"]
@@ -169,9 +170,6 @@ def _site_log_prob(site):
     return jnp.sum(log_prob)
 
 
-def _as_shape(sample_shape) -> tuple[int, ...]:
-    return (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
-
 
 def _check_mapping(value, name: str, what: str) -> dict:
     if not isinstance(value, Mapping):
@@ -245,7 +243,7 @@ class NumPyroProposal:
 
     def sample_and_log_prob(self, *, seed, sample_shape=()):
         """`(z, log q(z))`: `z` a dict of the latent sites, each with leading `sample_shape`."""
-        shape = _as_shape(sample_shape)
+        shape = _checks.sample_shape(sample_shape)
         if not shape:
             return self._sample_one(seed)
         keys = jax.random.split(seed, math.prod(shape))

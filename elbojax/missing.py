@@ -688,7 +688,8 @@ class Imputation(NamedTuple):
         \mid z_k]$ of $\mathbb{E}[x_{\mathrm{mis}} \mid x_{\mathrm{obs}}]$ (all $K$ samples, no
         resampling noise).
       mean_standard_error: `(D,)`, its delta-method standard error (0 at observed entries).
-      effective_sample_size: Kish's ESS of the $K$ importance weights, a scalar in $[1, K]$.
+      effective_sample_size: Kish's ESS of the $K$ importance weights, a scalar in $[1, K]$
+        (0 when every weight is 0).
       log_weights: `(K,)`, $\log p(x_{\mathrm{obs}}, z_k) - \log q(z_k \mid x_{\mathrm{obs}})$.
     """
 

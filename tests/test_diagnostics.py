@@ -110,6 +110,10 @@ def _reference_cases():
         "few": np.concatenate([-5 - np.arange(79.0), np.full(18, -1.0), [0.0, -0.1, -0.2]]),
         # Weights below the smallest normal float times the largest: the cutoff is floored.
         "floored": np.concatenate([-np.linspace(0, 50, 10), np.full(90, -1000.0)]),
+        # The same with a narrow tail: divided by the floored u, the exceedances reached 1 / tiny
+        # and the grid's theta rounded to 0 (NaN). Zero weights floor it too.
+        "floored, narrow": np.concatenate([-np.linspace(0, 4, 10), np.full(90, -1000.0)]),
+        "zero weights": np.concatenate([-np.linspace(0, 4, 10), np.full(90, -np.inf)]),
     }
 
 

@@ -656,3 +656,11 @@ def test_relaxed_proposals_give_finite_gradients_where_samples_round_to_0_or_1(x
         # The protocol is what makes them finite: without it some are not.
         hidden = _relaxed_gradients(logits, temperature, make, _HiddenLogSpace, 8)
         assert not all(np.isfinite(v) and np.all(np.isfinite(g)) for v, g in hidden.values()), make.__name__
+
+
+def test_relaxed_sample_shapes_are_ints_of_any_kind_as_in_distrax():
+    """A NumPy or concrete 0-d JAX integer is a sample shape, as distrax takes it (it was refused)."""
+    for q in (discrete.RelaxedBernoulli(jnp.zeros(3), 0.5), discrete.RelaxedOneHotCategorical(jnp.zeros(3), 0.5)):
+        for shape, expected in ((np.int64(4), (4, 3)), (jnp.array(4), (4, 3)), ((2, np.int32(2)), (2, 2, 3))):
+            assert q.sample(seed=jax.random.key(0), sample_shape=shape).shape == expected
+            assert q.sample_and_log_prob(seed=jax.random.key(0), sample_shape=shape)[1].shape == expected[:-1]
