@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--data-dir", type=Path, default=None, help="folder with the data files (default: $ELBOJAX_DATA_DIR or ~/.cache/elbojax); kept in the run's config.json")
     data.add_argument("--download", action="store_true", help="download missing data files into --data-dir")
     model = train.add_argument_group("model")
-    model.add_argument("--model", choices=("vae", "two-layer"), default="vae", help="vae: one stochastic layer; two-layer: the IWAE paper's 784-200-200-100-100-50 model")
+    model.add_argument("--model", choices=("vae", "two-layer"), default="vae", help="vae: one stochastic layer; two-layer: the IWAE paper's 784-200-200-100 / 100-100-100-50 model (and back)")
     model.add_argument("--latent-dim", type=int, default=16)
     model.add_argument("--hidden", type=str, default="200,200", help="hidden widths, comma-separated (default 200,200)")
     model.add_argument("--prior", choices=("standard", "mixture", "vamp"), default="standard", help="N(0, I), a learned Gaussian mixture, or the VampPrior")
@@ -315,7 +315,7 @@ def _config_from(args) -> dict:
                    if name in getattr(args, "given", set()) and _differs(name, getattr(args, name), defaults[name]))
     if not args.resume and args.model == "two-layer" and sizes:
         raise SystemExit("elbojax: --model two-layer has the IWAE paper's fixed sizes (latents 100 and 50; "
-                         f"784-200-200-100-100-50 and back); {', '.join('--' + s.replace('_', '-') for s in sizes)} "
+                         f"784-200-200-100 / 100-100-100-50 and back); {', '.join('--' + s.replace('_', '-') for s in sizes)} "
                          "apply to --model vae only")
     config = {name: getattr(args, name) for name in (
         "data", "model", "objective", "num_samples", "gradient", "kl", "kl_warmup", "beta", "free_bits",

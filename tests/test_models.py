@@ -319,6 +319,33 @@ def test_vamp_prior_equals_the_hand_mixture_of_encoder_gaussians(x64):
     assert jax.eval_shape(lambda: prior.sample(jax.random.key(0), 5)).shape == (5, 2)
 
 
+def test_a_vae_part_without_its_interface_is_a_type_error_naming_it():
+    """A distrax prior (as `elbo_analytic_kl` takes) was an AttributeError on `latent_dim`."""
+    rngs = nnx.Rngs(0)
+    encoder, decoder = GaussianMLPEncoder(4, 2, (3,), rngs=rngs), BernoulliMLPDecoder(2, 4, (3,), rngs=rngs)
+    with pytest.raises(TypeError, match=r"`prior` must be a StandardNormalPrior, MixturePrior or VampPrior .*MultivariateNormalDiag, which has no latent_dim"):
+        VAE(encoder, decoder, distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2)))
+    with pytest.raises(TypeError, match=r"`encoder` must be a GaussianMLPEncoder .*NoneType, which has no data_dim, latent_dim"):
+        VAE(None, decoder, StandardNormalPrior(2))
+    with pytest.raises(TypeError, match=r"`decoder` must be .*int, which has no __call__"):
+        VAE(encoder, 3, StandardNormalPrior(2))
+
+
+@pytest.mark.parametrize(
+    "setting, error, match",
+    [
+        ({"init_std": float("nan")}, ValueError, r"`init_std` must be a finite number >= 0, got nan"),
+        ({"init_std": -1.0}, ValueError, r"`init_std` must be a finite number >= 0, got -1.0"),
+        ({"init_mean": float("inf")}, ValueError, r"`init_mean` must be a finite real number, got inf"),
+        ({"init_mean": "0"}, TypeError, r"`init_mean` must be a finite real number, got '0'"),
+    ],
+)
+def test_vamp_prior_refuses_pseudo_input_settings_that_are_not_finite(setting, error, match):
+    encoder = GaussianMLPEncoder(4, 2, (3,), rngs=nnx.Rngs(0))
+    with pytest.raises(error, match=match):  # NaN pseudo-inputs made every log_prob NaN
+        VampPrior(encoder, 3, rngs=nnx.Rngs(1), **setting)
+
+
 def test_vamp_prior_shares_the_encoder_parameters():
     vae = nnx.clone(_model("vamp"))  # a copy: this test changes it
     enc = vae.encoder

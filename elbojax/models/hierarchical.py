@@ -213,7 +213,7 @@ class TwoLayerVAE(nnx.Module):
 
     def kl_mode(self, kl: str = "auto", *, gradient: str = "reparam") -> str:
         """Always `"monte_carlo"`; `kl="analytic"` is a `ValueError` (no closed form)."""
-        return resolve_kl(kl, gradient, False, "TwoLayerVAE", "(both are hierarchical: p(z1 | z2) and q(z2 | z1, x))")
+        return resolve_kl(kl, gradient, False, "TwoLayerVAE", "(both are hierarchical: p(z1 | z2) and q(z2 | z1))")
 
     def elbo(self, key, x, *, num_samples: int = 1, kl: str = "auto", gradient: str = "reparam", chunk_size=None):
         r"""The Monte Carlo ELBO $\frac1K \sum_k \log p_\theta(x, z_k) - \log q_\phi(z_k \mid x)$ (`elbojax.elbo`).

@@ -150,6 +150,9 @@ class VampPrior(nnx.Module):
         self.encoder = encoder
         self.latent_dim = encoder.latent_dim
         self.num_components = _checks.check_positive_int(num_components, "num_components")
+        if not math.isfinite(_checks.static_real(init_mean, "init_mean", "a finite real number")):
+            raise ValueError(f"`init_mean` must be a finite real number, got {init_mean}.")
+        init_std = _checks.check_finite_nonnegative(init_std, "init_std")
         noise = jax.random.normal(rngs.params(), (self.num_components, encoder.data_dim), param_dtype)
         self.pseudo_inputs = nnx.Param(init_mean + init_std * noise)
 

@@ -87,7 +87,22 @@ def _resolve_likelihood(decoder, likelihood: str | None) -> str:
     return likelihood
 
 
+_INTERFACES = (  # what VAE reads of each part, and what to pass instead
+    ("encoder", ("data_dim", "latent_dim"), "a GaussianMLPEncoder"),
+    ("decoder", ("__call__",), "a BernoulliMLPDecoder or GaussianMLPDecoder"),
+    ("prior", ("latent_dim", "log_prob", "sample"), "a StandardNormalPrior, MixturePrior or VampPrior"),
+)
+
+
 def _check_sizes(encoder, decoder, prior) -> None:
+    parts = {"encoder": encoder, "decoder": decoder, "prior": prior}
+    for name, attributes, instead in _INTERFACES:
+        missing = [a for a in attributes if not hasattr(parts[name], a)]
+        if missing:
+            raise TypeError(
+                f"`{name}` must be {instead} (or a module with {', '.join(attributes)}); got "
+                f"{type(parts[name]).__name__}, which has no {', '.join(missing)}."
+            )
     latent = {
         "encoder.latent_dim": encoder.latent_dim,
         "decoder.latent_dim": getattr(decoder, "latent_dim", encoder.latent_dim),
@@ -125,8 +140,8 @@ class VAE(nnx.Module):
     """
 
     def __init__(self, encoder, decoder, prior, likelihood: str | None = None):
-        self.likelihood = _resolve_likelihood(decoder, likelihood)
         _check_sizes(encoder, decoder, prior)
+        self.likelihood = _resolve_likelihood(decoder, likelihood)
         self.encoder = encoder
         self.decoder = decoder
         self.prior = prior
