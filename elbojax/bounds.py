@@ -197,7 +197,7 @@ def partial_iwae_bound(key, x, log_joint, proposal, *, num_groups: int, num_samp
     """
     num_groups = _checks.check_positive_int(num_groups, "num_groups")
     group_keys = _group_keys(key, num_groups)
-    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, None, "dreg")
+    problem = _prepare(key, x, log_joint, "log_joint", proposal, "proposal", num_samples, None, asker="partial_iwae_bound")
 
     def draw_group(group_key):
         return _draw_points(problem._replace(key=group_key), 0, problem.num_samples)

@@ -83,8 +83,11 @@ class _Problem(NamedTuple):
     guard: str | None  # set for a discrete proposal: differentiating its log q must raise
 
 
-def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_size, gradient="reparam"):
-    """Check every argument at trace time and bundle them."""
+def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_size, gradient="reparam", asker=None):
+    """Check every argument at trace time and bundle them.
+
+    `asker` names what needs a reparameterizable proposal at once (in its error message), for an
+    estimator with no `gradient` argument; `"stl"` and `"dreg"` need one too."""
     _checks.check_key(key)
     num_samples = _checks.check_positive_int(num_samples, "num_samples")
     chunk_size = _checks.check_optional_positive_int(chunk_size, "chunk_size")
@@ -93,12 +96,16 @@ def _prepare(key, x, fn, fn_name, proposal, proposal_name, num_samples, chunk_si
     z, log_q = jax.eval_shape(lambda: proposal.sample_and_log_prob(seed=key, sample_shape=()))
     _checks.check_scalar_log_prob(log_q, proposal_name)
     _checks.check_scalar_output(fn, (x, z), fn_name)
+    score_free = gradient in ("stl", "dreg")
+    asker = asker or (f"gradient={gradient!r}" if score_free else None)
     guard = None
     if not grads.is_reparameterizable(proposal, z):
-        message = grads.not_reparameterizable_message(proposal, gradient)
-        if gradient in ("stl", "dreg"):
+        message = grads.not_reparameterizable_message(proposal, asker or f"gradient={gradient!r}")
+        if asker:
             raise ValueError(message)
         guard = message
+    if score_free and (message := grads.score_free_message(proposal, gradient)):
+        raise ValueError(message)
     return _Problem(key, x, fn, proposal, num_samples, chunk_size, guard)
 
 

@@ -14,6 +14,9 @@ encoder) and the proposal can be any distribution.
 | `"vimco"` | `iwae_bound` | REINFORCE with VIMCO's multi-sample leave-one-out baseline (Mnih & Rezende 2016) | unchanged |
 
 Here $\ell_k = \log p(x, z_k) - \log q(z_k)$ and $\tilde w_k = e^{\ell_k} / \sum_j e^{\ell_j}$.
+STL and DReG drop the score term because its mean, $\mathbb{E}_q[\nabla_\phi \log q_\phi(z)]$,
+is 0; that holds only where the support of $q_\phi$ does not move with $\phi$, so a `Uniform`
+proposal is refused for them (`score_free_message`).
 
 **Building blocks.**
 
@@ -175,10 +178,12 @@ def is_reparameterizable(proposal, sample) -> bool:
 
 
 # distrax distributions whose samples carry no pathwise gradient to some parameter: discrete
-# draws (also with a float dtype), a component chosen discretely (mixtures), or rounding.
+# draws (also with a float dtype), a component chosen discretely (mixtures), rounding, or
+# clipping (point masses at the bounds: the pathwise gradient misses the boundary terms, and
+# `ClippedNormal` and `ClippedLogistic` are `Clipped`).
 _NOT_PATHWISE = tuple(
     getattr(distrax, name)
-    for name in ("Bernoulli", "Categorical", "CategoricalUniform", "EpsilonGreedy", "Greedy", "MixtureOfTwo",
+    for name in ("Bernoulli", "Categorical", "CategoricalUniform", "Clipped", "EpsilonGreedy", "Greedy", "MixtureOfTwo",
                  "MixtureSameFamily", "Multinomial", "OneHotCategorical", "Quantized", "Softmax")
     if hasattr(distrax, name)
 )
@@ -192,11 +197,12 @@ def _declared_reparameterized(proposal) -> bool:
     no gradient to some parameter count as not reparameterizable: the discrete ones (a
     `Bernoulli` with a float dtype draws floats, but still discretely), the mixtures
     (`MixtureSameFamily`, `MixtureOfTwo`, `CategoricalUniform` draw the component discretely, so
-    the samples carry no gradient to the mixture weights) and `Quantized` (rounded samples). A
-    pathwise gradient through them would be silently wrong. The check looks inside
-    `Transformed`, `Independent`, `Clipped` (any distrax distribution with a `distribution`),
-    every member of a `Joint`, and every part a composite proposal lists in its
-    `pathwise_parts()` (both layers of `models.HierarchicalProposal`). distrax's `straight_through_wrapper` classes pass: their
+    the samples carry no gradient to the mixture weights), `Quantized` (rounded samples) and
+    `Clipped` (point masses at the bounds, whose boundary terms a pathwise gradient misses: it
+    came out 0.158 +- 0.002 where the exact derivative is 0.205). A pathwise gradient through them
+    would be silently wrong. The check looks inside `Transformed`, `Independent` (any distrax
+    distribution with a `distribution`), every member of a `Joint`, and every part a composite
+    proposal lists in its `pathwise_parts()` (both layers of `models.HierarchicalProposal`). distrax's `straight_through_wrapper` classes pass: their
     biased gradient is asked for by name.
     """
     return _not_pathwise_part(_unwrapped(proposal)) is None
@@ -206,20 +212,33 @@ def _unwrapped(proposal):
     return proposal.distribution if isinstance(proposal, TFPProposal) else proposal
 
 
+def _inner_parts(distribution) -> list:
+    """What `distribution` is made of: a distrax `Joint`'s members, a composite proposal's
+    `pathwise_parts()` (`models.HierarchicalProposal`: every part must be pathwise), or the
+    distrax distribution it wraps; `[]` for none."""
+    if isinstance(distribution, distrax.Joint):
+        return jax.tree.leaves(distribution.distributions, is_leaf=lambda d: isinstance(d, distrax.Distribution))
+    parts = getattr(distribution, "pathwise_parts", None)
+    if callable(parts):
+        return list(parts())
+    wrapped = getattr(distribution, "distribution", None)
+    if isinstance(distribution, distrax.Distribution) and isinstance(wrapped, distrax.Distribution):
+        return [wrapped]
+    return []
+
+
+def _first_part(finder, parts):
+    return next((part for part in map(finder, parts) if part is not None), None)
+
+
 def _not_pathwise_part(distribution):
     """The (innermost) part of `distribution` whose samples carry no pathwise gradient, or None."""
     if isinstance(distribution, _NOT_PATHWISE):
         straight_through = type(distribution).__name__.startswith(("StraighThrough", "StraightThrough"))
         return None if straight_through else distribution
-    if isinstance(distribution, distrax.Joint):
-        members = jax.tree.leaves(distribution.distributions, is_leaf=lambda d: isinstance(d, distrax.Distribution))
-        return next((part for part in map(_not_pathwise_part, members) if part is not None), None)
-    parts = getattr(distribution, "pathwise_parts", None)
-    if callable(parts):  # a composite proposal (`models.HierarchicalProposal`): every part must be pathwise
-        return next((part for part in map(_not_pathwise_part, parts()) if part is not None), None)
-    wrapped = getattr(distribution, "distribution", None)
-    if isinstance(distribution, distrax.Distribution) and isinstance(wrapped, distrax.Distribution):
-        return _not_pathwise_part(wrapped)
+    inner = _inner_parts(distribution)
+    if inner:
+        return _first_part(_not_pathwise_part, inner)
     kind = getattr(distribution, "reparameterization_type", None)
     if kind is None or all("FULLY_REPARAMETERIZED" in str(k).upper() for k in jax.tree.leaves(kind)):
         return None
@@ -230,16 +249,49 @@ def _has_discrete_leaf(sample) -> bool:
     return not all(jnp.issubdtype(leaf.dtype, jnp.inexact) for leaf in jax.tree.leaves(sample))
 
 
-def not_reparameterizable_message(proposal, gradient: str) -> str:
+def _part_name(proposal, find) -> str:
+    """The proposal's type, and the part `find` finds in it if that is not the proposal itself."""
     inner = _unwrapped(proposal)
-    part = _not_pathwise_part(inner)
-    name = type(inner).__name__ + (f" (its {type(part).__name__})" if part is not None and part is not inner else "")
+    part = find(inner)
+    return type(inner).__name__ + (f" (its {type(part).__name__})" if part is not None and part is not inner else "")
+
+
+def not_reparameterizable_message(proposal, asker: str) -> str:
+    """Why `asker` (e.g. `"gradient='dreg'"`) cannot have `proposal`, and what to use instead."""
+    name = _part_name(proposal, _not_pathwise_part)
     return (
-        f"gradient={gradient!r} needs a reparameterizable proposal, but "
-        f"{name} cannot be reparameterized (its samples are discrete, or its "
-        "reparameterization_type is not FULLY_REPARAMETERIZED). "
+        f"{asker} needs a reparameterizable proposal, but "
+        f"{name} cannot be reparameterized (its samples are discrete, chosen discretely, rounded or "
+        "clipped, or its reparameterization_type is not FULLY_REPARAMETERIZED). "
         "Use a score-function gradient (elbo(..., gradient='score'), iwae_bound(..., gradient='score' "
         "or 'vimco'); the other estimators have none), enumerate the latent (elbojax.discrete), or a relaxation."
+    )
+
+
+def _moving_support_part(distribution):
+    """The (innermost) part of `distribution` whose support its parameters set (a distrax or
+    TFP `Uniform` on [low, high]), or None."""
+    if type(distribution).__name__ == "Uniform":
+        return distribution
+    return _first_part(_moving_support_part, _inner_parts(distribution))
+
+
+def score_free_message(proposal, gradient: str) -> str | None:
+    r"""Why `gradient` (`"stl"` or `"dreg"`) would be biased for `proposal`, or None if it is not.
+
+    STL and DReG drop the score term $
+abla_\phi \log q_\phi(z)$ because its mean is 0, which
+    holds only where the support of $q_\phi$ does not move with $\phi$. For a `Uniform` on
+    $[a, b]$ it is $-
+abla_\phi \log(b - a)$: STL was off by $-1/b$ exactly. The pathwise
+    gradient itself (`"reparam"`) stays right.
+    """
+    if _moving_support_part(_unwrapped(proposal)) is None:
+        return None
+    return (
+        f"gradient={gradient!r} drops the score term of log q, whose mean is 0 only where the "
+        f"proposal's support does not move with its parameters; {_part_name(proposal, _moving_support_part)} "
+        "has its support set by its parameters, so the gradient would be biased. Use gradient='reparam'."
     )
 
 
