@@ -696,6 +696,20 @@ def _restore(run_dir: Path, config: dict, dataset, mesh=None):
     return nnx.merge(graphdef, state.params)
 
 
+def _check_checkpoint_fits(run_dir: Path, state) -> None:
+    import orbax.checkpoint as ocp
+
+    from elbojax import train
+
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
+    try:
+        train.check_checkpoint(manager, state)
+    except train.CheckpointMismatch as error:
+        raise SystemExit(f"elbojax: {run_dir}: {error}") from None
+    finally:
+        manager.close()
+
+
 def _restored_for_command(run_dir: Path, config: dict, dataset, mesh=None):
     """`_restore` for `evaluate` and `impute`: a run without a checkpoint yet is a clear error."""
     from elbojax import train as train_lib
@@ -731,6 +745,8 @@ def _train(args) -> int:
     _check_objective(model, objective_fn, images.shape[1])
     optimizer = _optimizer(config)
     graphdef, state = train.init(model, optimizer)
+    if args.resume:  # a checkpoint that does not fit is refused before the run folder changes
+        _check_checkpoint_fits(args.run_dir, state)
     _write_run(args, config)
     if distributed.is_primary():
         devices = f"{mesh.size} {mesh.devices.flat[0].platform.upper()} device{'s' if mesh.size > 1 else ''}"

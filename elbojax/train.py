@@ -39,6 +39,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 import jax
@@ -722,7 +723,6 @@ def fit(
     """
     import json
     import time
-    from pathlib import Path
 
     import orbax.checkpoint as ocp
     from tqdm import tqdm  # text bars (tqdm.auto wants ipywidgets in notebooks)
@@ -939,6 +939,49 @@ class CheckpointMismatch(ValueError):
     """A checkpoint whose tree is not the model's and optimizer's (`restore`)."""
 
 
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """`{path: shape}` of a pytree's leaves as stored (paths as `a/0/b`; a typed PRNG key as its
+    key data), the older layout's last `value` level dropped."""
+    def name(entry):
+        return str(next(getattr(entry, a) for a in ("key", "name", "idx") if hasattr(entry, a)))
+
+    def stored_shape(leaf):
+        if jnp.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key):
+            return jax.eval_shape(jax.random.key_data, leaf).shape
+        return tuple(leaf.shape)
+
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        names = [name(entry) for entry in path]
+        shapes["/".join(names[:-1] if names[-1:] == ["value"] else names)] = stored_shape(leaf)
+    return shapes
+
+
+def check_checkpoint(manager, state: TrainState, step: int | None = None) -> None:
+    """Raise a `CheckpointMismatch` if checkpoint `step` (default: the latest; none is fine) of an
+    orbax `manager` does not hold `state`'s leaves with their shapes. Only its metadata is read.
+
+    `restore` checks this first: orbax, asked to restore arrays of other shapes, fails deep
+    inside its asynchronous reads (a hundred lines of tracebacks); the command line checks it
+    before a resumed run writes anything to its folder."""
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+        return
+    stored = ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / "default")
+    stored, expected = _leaf_shapes(getattr(stored, "tree", stored)), _leaf_shapes(state)
+    differences = [f"{path}: {stored[path]} stored, {shape} expected" if path in stored else f"{path}: not stored, {shape} expected"
+                   for path, shape in expected.items() if stored.get(path) != shape]
+    differences += [f"{path}: {shape} stored, not in this model" for path, shape in stored.items() if path not in expected]
+    if differences:
+        raise CheckpointMismatch(
+            f"The checkpoint of step {step} in {manager.directory} does not fit this model and optimizer "
+            f"(a different architecture, latent size or optimizer?): {'; '.join(differences[:3])}"
+            + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "") + "."
+        )
+
+
 def restore(manager, state: TrainState, step: int | None = None) -> TrainState:
     """Checkpoint `step` (default: the latest) of an orbax `manager`, in the layout of `state`.
 
@@ -956,6 +999,7 @@ def restore(manager, state: TrainState, step: int | None = None) -> TrainState:
         raise FileNotFoundError(f"No checkpoint to restore in {manager.directory}.")
     if step not in manager.all_steps():
         raise FileNotFoundError(f"No checkpoint of step {step} in {manager.directory}; it has steps {sorted(manager.all_steps())}.")
+    check_checkpoint(manager, state, step)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     try:
         return manager.restore(step, args=ocp.args.StandardRestore(abstract))
