@@ -317,6 +317,13 @@ def _config_from(args) -> dict:
         raise SystemExit("elbojax: --model two-layer has the IWAE paper's fixed sizes (latents 100 and 50; "
                          f"784-200-200-100 / 100-100-100-50 and back); {', '.join('--' + s.replace('_', '-') for s in sizes)} "
                          "apply to --model vae only")
+    given_and_set = lambda name: name in getattr(args, "given", set()) and _differs(name, getattr(args, name), defaults[name])
+    if not args.resume and given_and_set("prior_components") and (args.model == "two-layer" or args.prior == "standard"):
+        prior = "the two-layer model's own" if args.model == "two-layer" else "standard"
+        raise SystemExit(f"elbojax: --prior-components applies to --prior mixture or vamp (of --model vae); this run's prior is {prior}")
+    if not args.resume and args.data == "embedded" and (given_and_set("data_dir") or args.download):
+        others = ", ".join(choice for choice in DATA_CHOICES if choice != "embedded")
+        raise SystemExit(f"elbojax: --data embedded is shipped inside the package; --data-dir and --download apply to --data {others}")
     config = {name: getattr(args, name) for name in (
         "data", "model", "objective", "num_samples", "gradient", "kl", "kl_warmup", "beta", "free_bits",
         "latent_dim", "prior", "prior_components", "decoder", "optimizer", "learning_rate", "schedule",

@@ -86,9 +86,10 @@ def test_the_data_folder_is_the_runs_own_unless_given(tmp_path, monkeypatch):
     """config.json keeps --data-dir, so evaluate, impute and load_run find the data; --data-dir overrides it."""
     folders = []
     load_dataset = cli._load_dataset  # what the commands and load_run all load through
-    monkeypatch.setattr(cli, "_load_dataset", lambda name, data_dir, download: folders.append(data_dir) or load_dataset(name, data_dir, download))
+    # "mnist" is read from the embedded subset (--data embedded refuses --data-dir: it has no files).
+    monkeypatch.setattr(cli, "_load_dataset", lambda name, data_dir, download: folders.append(data_dir) or load_dataset("embedded", None, False))
     run_dir, data_dir = tmp_path / "r", tmp_path / "data"
-    assert cli.main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "10", "--eval-points", "5", "--eval-samples", "10", "--data-dir", str(data_dir)]) == 0
+    assert cli.main(["train", "--run-dir", str(run_dir), *TINY, "--steps", "10", "--eval-points", "5", "--eval-samples", "10", "--data", "mnist", "--data-dir", str(data_dir)]) == 0
     assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(data_dir.absolute())
     folders.clear()
     assert cli.main(["evaluate", str(run_dir), "--eval-points", "5", "--eval-samples", "10"]) == 0
@@ -178,6 +179,11 @@ def test_incompatible_or_accidental_reuse_of_a_run_folder(run, flags, message):
         (["--model", "two-layer", "--prior", "vamp"], r"--model two-layer has its own hierarchical prior"),
         (["--model", "two-layer", "--latent-dim", "2"], r"--model two-layer has the IWAE paper's fixed sizes .*--latent-dim apply"),
         (["--model", "two-layer", "--hidden", "8"], r"--hidden apply to --model vae only"),
+        # Accepted, recorded in config.json and ignored, before:
+        (["--prior-components", "7"], r"--prior-components applies to --prior mixture or vamp .*this run's prior is standard"),
+        (["--model", "two-layer", "--prior-components", "7"], r"--prior-components applies .*the two-layer model's own"),
+        (["--data-dir", "/nonexistent"], r"--data embedded is shipped inside the package; --data-dir and --download apply to --data mnist"),
+        (["--download"], r"--data-dir and --download apply to --data mnist"),
         (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
         (["--seed", str(2**32 + 7)], r"--seed must be in \[0, 2\*\*32\)"),
     ],
@@ -308,8 +314,7 @@ def test_a_config_file_fills_in_what_the_flags_leave(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags", [
     ["--model", "two-layer", "--objective", "iwae", "--kl-warmup", "10"],
     ["--decoder", "gaussian", "--prior", "vamp", "--prior-components", "3", "--objective", "elbo", "--beta", "0.5"],
-    ["--prior", "mixture", "--prior-components", "3", "--objective", "elbo", "--free-bits", "0.1", "--prior", "standard",
-     "--optimizer", "rmsprop", "--schedule", "exponential"],
+    ["--objective", "elbo", "--free-bits", "0.1", "--prior", "standard", "--optimizer", "rmsprop", "--schedule", "exponential"],
 ])
 def test_other_models_and_objectives_train_end_to_end(tmp_path, flags):
     run_dir = tmp_path / "r"
