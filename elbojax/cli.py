@@ -875,5 +875,28 @@ def main(argv=None) -> int:
     return {"train": _train, "evaluate": _evaluate, "impute": _impute}[args.command](args)
 
 
+def console_main() -> None:
+    """The `elbojax` command: `main`, an interruption ending the process at once with status 130.
+
+    A JIT compilation interrupted by Ctrl-C goes on in XLA's threads, and the interpreter's
+    ordinary exit then crashes in them (a segmentation fault, status 139; a plain JAX script
+    does the same). By then `fit` has checkpointed and every file is closed, so `os._exit`
+    loses nothing."""
+    try:
+        status = main()
+    except KeyboardInterrupt:  # outside training's own handler: loading, compiling, the evaluation
+        print("elbojax: interrupted", file=sys.stderr)
+        status = 130
+    except SystemExit as stop:
+        if stop.code != 130:
+            raise
+        status = 130
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

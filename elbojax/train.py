@@ -35,9 +35,12 @@ the one-sample ELBO). `fit` is the host loop (batches, checkpoints, metrics, res
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Union
@@ -891,8 +894,30 @@ def _save(manager, step: int, state: TrainState) -> None:
             f"Refusing to checkpoint step {step}: the parameters or optimizer state hold NaN or "
             f"infinite entries; the checkpoints in {manager.directory} are kept as they are."
         )
-    manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    with _ctrl_c_held():
+        manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _ctrl_c_held():
+    """Ctrl-C waits until the block ends, then raises `KeyboardInterrupt`.
+
+    For a checkpoint being written: interrupted, orbax left it unfinished and could not write it
+    again (the Ctrl-C handler of `fit` failed with an OSError, and the steps since the previous
+    checkpoint were lost). Only where Python's own handler is in place, in the main thread.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
 
 
 class _Discard:

@@ -1,6 +1,8 @@
 """`elbojax train` / `elbojax evaluate` end to end on a tiny setting, resumption, and bad flags."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -473,3 +475,21 @@ def test_ctrl_c_during_training_is_a_resumable_stop_without_a_traceback(tmp_path
     restore_fetching()
     assert cli.main(["train", "--run-dir", str(run_dir), "--resume", "--no-progress", *QUICK_EVAL]) == 0
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
+
+
+def test_the_command_exits_with_130_on_ctrl_c_at_once():
+    """`console_main` (the `elbojax` command) ends an interrupted command with os._exit(130): after
+    a JIT compilation interrupted by Ctrl-C, the interpreter's ordinary exit crashed (status 139)."""
+    code = (
+        "import sys; from elbojax import cli\n"
+        "def interrupted(argv=None):\n"
+        "    raise KeyboardInterrupt if sys.argv[1] == 'raw' else SystemExit(130)\n"
+        "cli.main = interrupted\n"
+        "cli.console_main()\n"
+    )
+    for how in ("raw", "handled"):
+        result = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 130 and "Traceback" not in result.stderr, (how, result.stderr[-2000:])
+        assert ("elbojax: interrupted" in result.stderr) == (how == "raw")
+    ok = subprocess.run([sys.executable, "-m", "elbojax.cli", "train", "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 1 and "--steps must be >= 1" in ok.stderr  # other exits are as before

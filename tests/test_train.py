@@ -195,6 +195,33 @@ def _fit(run_dir, num_steps):
     return train.fit(graphdef, state, optax.adam(1e-2), per_point, IMAGES, run_dir=run_dir, config=CONFIG._replace(num_steps=num_steps), progress=False)
 
 
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
+    """Interrupted, orbax left the checkpoint unfinished and could not write it again: fit's
+    Ctrl-C handler failed with an OSError and the steps since the last checkpoint were lost."""
+    import os
+    import signal
+
+    import orbax.checkpoint as ocp
+
+    real_save, saves = ocp.CheckpointManager.save, []
+
+    def save_with_ctrl_c(self, step, *args, **kwargs):
+        saves.append(step)
+        if len(saves) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the second checkpoint starts
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "r", 40)
+    assert saves == [10, 20]  # written once each, then the interruption
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    manager = ocp.CheckpointManager((tmp_path / "r" / "checkpoints").absolute())
+    assert manager.latest_step() == 20
+    manager.close()
+    assert int(_fit(tmp_path / "r", 40).step) == 40  # and it resumes from it
+
+
 def _assert_same_params(a, b):
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
