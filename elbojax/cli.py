@@ -396,7 +396,8 @@ def _load_data(name: str, data_dir, download: bool):
     try:
         return _load_dataset(name, data_dir, download)
     except (OSError, ValueError) as error:  # missing, corrupt or truncated files; a failed download
-        hint = " (on the command line: `elbojax train --download`, or --data-dir FOLDER)" if isinstance(error, FileNotFoundError) else ""
+        # The loaders' remedies (a missing or corrupt file) name their Python argument.
+        hint = " (on the command line: `elbojax train --download`, or --data-dir FOLDER)" if "download=True" in str(error) else ""
         raise SystemExit(f"elbojax: --data {name}: {error}{hint}") from None
 
 

@@ -232,7 +232,7 @@ def test_data_errors_and_a_run_without_a_checkpoint_are_clear_errors(run, tmp_pa
     (corrupt / "binarized_mnist").mkdir(parents=True)
     for split in ("train", "valid", "test"):
         (corrupt / "binarized_mnist" / f"binarized_mnist_{split}.amat").write_text("0 1\n")
-    with pytest.raises(SystemExit, match=r"elbojax: --data binarized-mnist: .*sha256"):
+    with pytest.raises(SystemExit, match=r"elbojax: --data binarized-mnist: .*sha256.*download=True.* \(on the command line: `elbojax train --download`"):
         cli.main(["train", "--run-dir", str(tmp_path / "r"), "--data", "binarized-mnist", "--data-dir", str(corrupt)])
     run_dir = tmp_path / "early"
     run_dir.mkdir()
