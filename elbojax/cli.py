@@ -172,6 +172,7 @@ def _parse(argv):
         train.set_defaults(**{name: value for name, value in run_settings.items() if name not in given and name != "steps"})
         args = parser.parse_args(argv)
     args.given = given
+    args.typed = _given_flags(argv)  # on the command line itself, not from --config
     return args
 
 
@@ -317,7 +318,8 @@ def _config_from(args) -> dict:
         raise SystemExit("elbojax: --model two-layer has the IWAE paper's fixed sizes (latents 100 and 50; "
                          f"784-200-200-100 / 100-100-100-50 and back); {', '.join('--' + s.replace('_', '-') for s in sizes)} "
                          "apply to --model vae only")
-    given_and_set = lambda name: name in getattr(args, "given", set()) and _differs(name, getattr(args, name), defaults[name])
+    # Typed, not from a --config file (another run's config.json records them all).
+    given_and_set = lambda name: name in getattr(args, "typed", set()) and _differs(name, getattr(args, name), defaults[name])
     if not args.resume and given_and_set("prior_components") and (args.model == "two-layer" or args.prior == "standard"):
         prior = "the two-layer model's own" if args.model == "two-layer" else "standard"
         raise SystemExit(f"elbojax: --prior-components applies to --prior mixture or vamp (of --model vae); this run's prior is {prior}")

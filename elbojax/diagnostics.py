@@ -151,8 +151,9 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
     $y_i / u = \mathrm{expm1}(\ell_{(K-M+i)} - \log u)$, so log-weights far outside the float
     range are fine. As in the reference implementation, $u$ is floored at the smallest normal
     float times the largest weight, and the exceedances are divided by their first quartile
-    (computed in log space), so that the grid's $\theta_j$ stay of order one: divided by a
-    floored $u$ alone they reached $1/\text{tiny}$ and $\theta_j$ rounded to 0 (NaN).
+    (computed in log space, and less where the largest would then overflow), so that the grid's
+    $\theta_j$ stay of order one: divided by a floored $u$ alone they reached $1/\text{tiny}$
+    and $\theta_j$ rounded to 0 (NaN).
 
     How to read it: $\hat k < 0.5$, the weights have finite variance and importance sampling is
     fine; $0.5 \le \hat k \le 0.7$, infinite variance, usable but slow to converge;
@@ -206,7 +207,9 @@ def pareto_k_hat(log_weights: jax.Array) -> jax.Array:
     gaps = jnp.where(in_tail, top - log_threshold, 1.0)
     log_exceedances = gaps + jnp.log(-jnp.expm1(-gaps))  # log(y_i / u) = log(expm1(gap)), no overflow
     log_quartile = log_exceedances[_first_quartile_index(tail_length, tail_size)]
-    exceedances = jnp.where(in_tail, jnp.exp(log_exceedances - log_quartile), 0.0)
+    # ... but never so far that the largest overflows (a tail spanning the whole float range).
+    log_scale = jnp.maximum(log_quartile, log_exceedances[-1] - (jnp.log(jnp.finfo(ordered.dtype).max) - 2.0))
+    exceedances = jnp.where(in_tail, jnp.exp(log_exceedances - log_scale), 0.0)
 
     k_hat = jnp.where(tail_size >= _MIN_TAIL, _gpd_shape(exceedances, tail_size), jnp.inf)
     # NaN stays NaN and +inf stays +inf; -inf (all weights zero) has an empty tail, so +inf.

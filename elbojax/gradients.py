@@ -270,20 +270,21 @@ def not_reparameterizable_message(proposal, asker: str) -> str:
 
 def _moving_support_part(distribution):
     """The (innermost) part of `distribution` whose support its parameters set (a distrax or
-    TFP `Uniform` on [low, high]), or None."""
+    TFP `Uniform` on [low, high]), or None. TFP's wrappers (`Independent`,
+    `TransformedDistribution`) are looked inside too."""
     if type(distribution).__name__ == "Uniform":
         return distribution
-    return _first_part(_moving_support_part, _inner_parts(distribution))
+    wrapped = getattr(distribution, "distribution", None)
+    inner = _inner_parts(distribution) or ([wrapped] if callable(getattr(wrapped, "log_prob", None)) else [])
+    return _first_part(_moving_support_part, inner)
 
 
 def score_free_message(proposal, gradient: str) -> str | None:
     r"""Why `gradient` (`"stl"` or `"dreg"`) would be biased for `proposal`, or None if it is not.
 
-    STL and DReG drop the score term $
-abla_\phi \log q_\phi(z)$ because its mean is 0, which
+    STL and DReG drop the score term $\nabla_\phi \log q_\phi(z)$ because its mean is 0, which
     holds only where the support of $q_\phi$ does not move with $\phi$. For a `Uniform` on
-    $[a, b]$ it is $-
-abla_\phi \log(b - a)$: STL was off by $-1/b$ exactly. The pathwise
+    $[a, b]$ it is $-\nabla_\phi \log(b - a)$: STL was off by $-1/b$ exactly. The pathwise
     gradient itself (`"reparam"`) stays right.
     """
     if _moving_support_part(_unwrapped(proposal)) is None:
@@ -291,7 +292,8 @@ abla_\phi \log(b - a)$: STL was off by $-1/b$ exactly. The pathwise
     return (
         f"gradient={gradient!r} drops the score term of log q, whose mean is 0 only where the "
         f"proposal's support does not move with its parameters; {_part_name(proposal, _moving_support_part)} "
-        "has its support set by its parameters, so the gradient would be biased. Use gradient='reparam'."
+        "has its support [low, high] set by its parameters, and where they are learned the gradient would be "
+        "biased. Use gradient='reparam' (where they are constants it is the same gradient)."
     )
 
 

@@ -994,7 +994,14 @@ def check_checkpoint(manager, state: TrainState, step: int | None = None) -> Non
     step = manager.latest_step() if step is None else step
     if step is None or step not in manager.all_steps():
         return
-    stored = ocp.StandardCheckpointHandler().metadata(Path(manager.directory) / str(step) / "default")
+    item = Path(manager.directory) / str(step) / "default"  # the layout of `fit`'s managers
+    if not item.is_dir():  # a manager that names its steps otherwise: orbax alone checks
+        return
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        stored = handler.metadata(item)
+    finally:
+        handler.close()
     stored, expected = _leaf_shapes(getattr(stored, "tree", stored)), _leaf_shapes(state)
     differences = [f"{path}: {stored[path]} stored, {shape} expected" if path in stored else f"{path}: not stored, {shape} expected"
                    for path, shape in expected.items() if stored.get(path) != shape]

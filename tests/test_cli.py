@@ -493,3 +493,11 @@ def test_the_command_exits_with_130_on_ctrl_c_at_once():
         assert ("elbojax: interrupted" in result.stderr) == (how == "raw")
     ok = subprocess.run([sys.executable, "-m", "elbojax.cli", "train", "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 1 and "--steps must be >= 1" in ok.stderr  # other exits are as before
+
+
+def test_a_config_files_settings_that_would_do_nothing_are_not_refused(tmp_path):
+    """Another run's config.json records every setting; only typed flags that would do nothing are refused."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"prior_components": 7, "data_dir": str(tmp_path)}))
+    args = cli._parse(["train", "--run-dir", str(tmp_path / "r"), "--config", str(config)])
+    assert cli._config_from(args)["prior_components"] == 7

@@ -370,3 +370,10 @@ def test_pareto_k_hat_of_16_bit_log_weights_is_the_float32_fit(dtype):
 def test_kl_per_dimension_is_inf_for_an_infinite_proposal_scale_or_a_zero_prior_scale():
     np.testing.assert_array_equal(diagnostics.kl_per_dimension(jnp.zeros(2), jnp.array([jnp.inf, 1.0])), [jnp.inf, 0.0])
     np.testing.assert_array_equal(diagnostics.kl_per_dimension(jnp.zeros(2), jnp.ones(2), prior_scale=jnp.array([0.0, 1.0])), [jnp.inf, 0.0])
+
+
+def test_pareto_k_hat_of_a_float32_tail_spanning_the_float_range_is_large_not_nan():
+    """Scaled by their first quartile alone, the largest exceedance overflowed (NaN)."""
+    log_weights = np.concatenate([np.full(80, -1000.0), np.full(5, -87.30), -np.linspace(0, 87, 15)])
+    got = k_hat(jnp.asarray(log_weights, jnp.float32))
+    assert np.isfinite(got) and got > 0.7

@@ -334,16 +334,19 @@ def test_a_vae_part_without_its_interface_is_a_type_error_naming_it():
 @pytest.mark.parametrize(
     "setting, error, match",
     [
-        ({"init_std": float("nan")}, ValueError, r"`init_std` must be a finite number >= 0, got nan"),
-        ({"init_std": -1.0}, ValueError, r"`init_std` must be a finite number >= 0, got -1.0"),
-        ({"init_mean": float("inf")}, ValueError, r"`init_mean` must be a finite real number, got inf"),
-        ({"init_mean": "0"}, TypeError, r"`init_mean` must be a finite real number, got '0'"),
+        ({"init_std": float("nan")}, ValueError, r"`init_std` must be finite and >= 0, got nan"),
+        ({"init_std": -1.0}, ValueError, r"`init_std` must be finite and >= 0, got -1.0"),
+        ({"init_mean": float("inf")}, ValueError, r"`init_mean` must be finite, got inf"),
+        ({"init_mean": jnp.array([0.0, jnp.nan, 0.0, 0.0])}, ValueError, r"`init_mean` must be finite, got \["),
+        ({"init_mean": "0"}, TypeError, r"`init_mean` must be a real number or array, got '0'"),
     ],
 )
 def test_vamp_prior_refuses_pseudo_input_settings_that_are_not_finite(setting, error, match):
     encoder = GaussianMLPEncoder(4, 2, (3,), rngs=nnx.Rngs(0))
     with pytest.raises(error, match=match):  # NaN pseudo-inputs made every log_prob NaN
         VampPrior(encoder, 3, rngs=nnx.Rngs(1), **setting)
+    # A 0-d JAX number and one value per pixel are fine.
+    assert VampPrior(encoder, 3, rngs=nnx.Rngs(1), init_mean=jnp.full(4, 0.1), init_std=jnp.array(0.02)).pseudo_inputs.shape == (3, 4)
 
 
 def test_vamp_prior_shares_the_encoder_parameters():

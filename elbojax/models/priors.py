@@ -20,6 +20,7 @@ import math
 import distrax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from elbojax import _checks
@@ -150,9 +151,12 @@ class VampPrior(nnx.Module):
         self.encoder = encoder
         self.latent_dim = encoder.latent_dim
         self.num_components = _checks.check_positive_int(num_components, "num_components")
-        if not math.isfinite(_checks.static_real(init_mean, "init_mean", "a finite real number")):
-            raise ValueError(f"`init_mean` must be a finite real number, got {init_mean}.")
-        init_std = _checks.check_finite_nonnegative(init_std, "init_std")
+        for name, value, least in (("init_mean", init_mean, -math.inf), ("init_std", init_std, 0.0)):
+            values = np.asarray(value)  # a number, or one per pixel
+            if values.dtype == np.bool_ or not np.issubdtype(values.dtype, np.number):
+                raise TypeError(f"`{name}` must be a real number or array, got {value!r}.")
+            if not (np.all(np.isfinite(values)) and np.all(values >= least)):
+                raise ValueError(f"`{name}` must be finite{' and >= 0' if least == 0 else ''}, got {value}.")
         noise = jax.random.normal(rngs.params(), (self.num_components, encoder.data_dim), param_dtype)
         self.pseudo_inputs = nnx.Param(init_mean + init_std * noise)
 

@@ -90,7 +90,7 @@ def _resolve_likelihood(decoder, likelihood: str | None) -> str:
 _INTERFACES = (  # what VAE reads of each part, and what to pass instead
     ("encoder", ("data_dim", "latent_dim"), "a GaussianMLPEncoder"),
     ("decoder", ("__call__",), "a BernoulliMLPDecoder or GaussianMLPDecoder"),
-    ("prior", ("latent_dim", "log_prob", "sample"), "a StandardNormalPrior, MixturePrior or VampPrior"),
+    ("prior", ("latent_dim", "log_prob"), "a StandardNormalPrior, MixturePrior or VampPrior"),
 )
 
 
