@@ -164,7 +164,8 @@ def _parse(argv):
         settings = _settings(_read_json(args.config, f"--config {args.config}"), actions, f"--config {args.config}")
         train.set_defaults(**settings)
         args = parser.parse_args(argv)
-    given = _given_flags(argv) | set(settings)
+    typed = _given_flags(argv)  # on the command line itself, not from --config
+    given = typed | set(settings)
     saved = args.run_dir / "config.json"
     if args.resume and saved.exists():  # (without one, _resolve_run says so)
         run_settings = _settings(_read_json(saved, str(saved)), actions, str(saved))
@@ -172,7 +173,7 @@ def _parse(argv):
         train.set_defaults(**{name: value for name, value in run_settings.items() if name not in given and name != "steps"})
         args = parser.parse_args(argv)
     args.given = given
-    args.typed = _given_flags(argv)  # on the command line itself, not from --config
+    args.typed = typed
     return args
 
 

@@ -132,7 +132,6 @@ def _check_temperature(temperature: Any, dtype) -> jax.Array:
     return jnp.asarray(temperature).astype(dtype)
 
 
-
 def _check_value_shape(value, event_shape: tuple[int, ...], name: str) -> None:
     shape = tuple(jnp.shape(value))
     if len(shape) < len(event_shape) or shape[len(shape) - len(event_shape) :] != event_shape:
@@ -557,7 +556,6 @@ class RelaxedBernoulli(_Relaxed):
 
     def __repr__(self):
         return f"RelaxedBernoulli(event_shape={self.event_shape}, temperature={self.temperature})"
-
 
 
 def _check_relaxed_sample(sample, name: str, min_ndim: int) -> jax.Array:

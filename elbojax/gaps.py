@@ -116,7 +116,6 @@ def _log_marginal_and_se(weights):
     return estimate, jnp.sqrt(relative_variance / num)
 
 
-
 def _as_argument(model):
     """`(graphdef, state, rebuild)`: the model travels into the jitted functions as an argument, not as baked-in constants.
 

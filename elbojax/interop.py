@@ -170,7 +170,6 @@ def _site_log_prob(site):
     return jnp.sum(log_prob)
 
 
-
 def _check_mapping(value, name: str, what: str) -> dict:
     if not isinstance(value, Mapping):
         raise TypeError(f"`{name}` must be a dict {what}, got {type(value).__name__}.")
