@@ -769,9 +769,10 @@ def _train(args) -> int:
         raise SystemExit(f"elbojax: {error} A resumed run keeps its settings: for a lower --learning-rate, start a new run.") from None
     except train.CheckpointMismatch as error:  # on --resume: a checkpoint that does not fit the model of its config.json
         raise SystemExit(f"elbojax: {args.run_dir}: {error}") from None
-    except KeyboardInterrupt:  # fit has checkpointed the last finished call (single-process runs)
-        print(f"elbojax: interrupted; continue with `elbojax train --run-dir {args.run_dir} --resume`", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: fit has checkpointed the last finished call (single-process runs)
+        terminated = isinstance(stop, train.Terminated)
+        print(f"elbojax: {'terminated' if terminated else 'interrupted'}; continue with `elbojax train --run-dir {args.run_dir} --resume`", file=sys.stderr)
+        raise SystemExit(143 if terminated else 130) from None
     _evaluate_and_report(args.run_dir, graphdef, state.params, dataset, config, args.eval_samples, args.eval_points, mesh)
     return 0
 
@@ -880,7 +881,8 @@ def main(argv=None) -> int:
 
 
 def console_main() -> None:
-    """The `elbojax` command: `main`, an interruption ending the process at once with status 130.
+    """The `elbojax` command: `main`, an interruption ending the process at once with status 130
+    (Ctrl-C) or 143 (SIGTERM during training, 128 + 15 as a shell reports it).
 
     A JIT compilation interrupted by Ctrl-C goes on in XLA's threads, and the interpreter's
     ordinary exit then crashes in them (a segmentation fault, status 139; a plain JAX script
@@ -892,13 +894,13 @@ def console_main() -> None:
         print("elbojax: interrupted", file=sys.stderr)
         status = 130
     except SystemExit as stop:
-        if stop.code != 130:
+        if stop.code not in (130, 143):
             raise
-        status = 130
-    if status == 130:
+        status = stop.code
+    if status in (130, 143):
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        os._exit(status)
     sys.exit(status)
 
 

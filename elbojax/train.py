@@ -594,6 +594,14 @@ class TrainingStopped(RuntimeError):
     """`fit` stopped: `max_skipped_in_a_row` steps in a row were skipped (non-finite); the last good state is checkpointed."""
 
 
+class Terminated(KeyboardInterrupt):
+    """`fit` received SIGTERM (a batch scheduler's stop, `kill PID`) and checkpointed its last finished call.
+
+    A `KeyboardInterrupt`, since it is handled as Ctrl-C is: the work since the last checkpoint is
+    kept, and the run resumes from it exactly.
+    """
+
+
 class FitConfig(NamedTuple):
     """Settings of `fit` (all plain Python values).
 
@@ -694,7 +702,8 @@ def fit(
     or the value is not reported).
     Because every key and batch is a function of the step, a run interrupted at any point (even
     killed) and resumed reaches the same parameters as an uninterrupted one, on any number of
-    devices.
+    devices. Ctrl-C, or SIGTERM (what a batch scheduler sends before it kills a job), first
+    checkpoints the last finished call, so that no work is lost (in a single-process run).
 
     Args:
       graphdef, state: from `init` (the state is the starting point when there is no checkpoint,
@@ -723,6 +732,9 @@ def fit(
         a bad config, or a fresh run whose starting state is not finite.
       TrainingStopped: `config.max_skipped_in_a_row` steps in a row were skipped (a
         `RuntimeError`; the last good state is checkpointed first).
+      KeyboardInterrupt: Ctrl-C; `Terminated`, a `KeyboardInterrupt`, for SIGTERM (while `fit`
+        runs in the main thread and SIGTERM has its default action; a handler of your own is
+        left in place). Both after the checkpoint.
     """
     import json
     import time
@@ -778,7 +790,8 @@ def fit(
         _truncate_metrics(metrics_path, start)
     distributed.barrier("elbojax-fit-start")
     bar = tqdm(total=config.num_steps, initial=start, disable=not (progress and primary), desc="training", unit="step")
-    recorded = state  # the latest state whose call is in the metrics: what Ctrl-C checkpoints
+    recorded = state  # the latest state whose call is in the metrics: what Ctrl-C or SIGTERM checkpoints
+    restore_sigterm = _sigterm_as_interrupt()
     try:
         with open(metrics_path, "a") if primary else _Discard() as metrics:
             while int(state.step) < config.num_steps:
@@ -814,13 +827,15 @@ def fit(
                     )
                 if step % config.checkpoint_every == 0 or step == config.num_steps:
                     _save(manager, step, state)
-    except KeyboardInterrupt:  # Ctrl-C: keep the work done since the last checkpoint
+    except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM (`Terminated`): keep the work done since the last checkpoint
         step = int(recorded.step)
         if jax.process_count() == 1 and step > (manager.latest_step() or 0):  # several processes would all have to save
             _save(manager, step, recorded)
-            print(f"\ninterrupted: checkpointed step {step} in {run_dir / 'checkpoints'}; resume to go on.", file=sys.stderr)
+            how = "terminated" if isinstance(stop, Terminated) else "interrupted"
+            print(f"\n{how}: checkpointed step {step} in {run_dir / 'checkpoints'}; resume to go on.", file=sys.stderr)
         raise
     finally:
+        restore_sigterm()
         bar.close()
         manager.close()
     return state
@@ -899,25 +914,53 @@ def _save(manager, step: int, state: TrainState) -> None:
         manager.wait_until_finished()
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum} (SIGTERM)")
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Until the returned function is called, SIGTERM raises `Terminated`, which `fit` handles as Ctrl-C.
+
+    Batch schedulers (SLURM, Kubernetes) send SIGTERM some seconds before they kill a job; by
+    default it ended the process at once, losing the steps since the last checkpoint. Only
+    where SIGTERM has its default action, in the main thread: a handler of the caller's own
+    (a notebook kernel's, say) is left in place.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def restore() -> None:
+        if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    return restore
+
+
 @contextlib.contextmanager
 def _ctrl_c_held():
-    """Ctrl-C waits until the block ends, then raises `KeyboardInterrupt`.
+    """Ctrl-C, and SIGTERM while `fit` handles it, wait until the block ends, then raise.
 
     For a checkpoint being written: interrupted, orbax left it unfinished and could not write it
     again (the Ctrl-C handler of `fit` failed with an OSError, and the steps since the previous
-    checkpoint were lost). Only where Python's own handler is in place, in the main thread.
+    checkpoint were lost). Only the signals whose handler is Python's own (`KeyboardInterrupt`)
+    or `fit`'s (`Terminated`), in the main thread.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    raised = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _raise_terminated}
+    held = {signum: handler for signum, handler in raised.items() if signal.getsignal(signum) is handler}
     caught = []
-    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    for signum in held:
+        signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in held.items():
+            signal.signal(signum, handler)
     if caught:
-        raise KeyboardInterrupt
+        held[caught[0]](caught[0], None)  # raises, as the signal would have
 
 
 class _Discard:

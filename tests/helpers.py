@@ -41,11 +41,14 @@ def truncated_model(theta):
     return log_joint
 
 
-def interrupt_fetching(monkeypatch, call: int):
-    """Make `train.fit`'s batch fetch raise KeyboardInterrupt (as Ctrl-C would) on its `call`-th call.
+def interrupt_fetching(monkeypatch, call: int, signum=None):
+    """Make `train.fit`'s batch fetch raise KeyboardInterrupt (as Ctrl-C would) on its `call`-th
+    call, or send this process the signal `signum` then.
 
     Returns a function that puts the real fetch back.
     """
+    import os
+
     from elbojax import train
 
     real, calls = train._batches_for, []
@@ -53,7 +56,9 @@ def interrupt_fetching(monkeypatch, call: int):
     def interrupted(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
-            raise KeyboardInterrupt
+            if signum is None:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train, "_batches_for", interrupted)

@@ -1,6 +1,7 @@
 """`elbojax train` / `elbojax evaluate` end to end on a tiny setting, resumption, and bad flags."""
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -464,14 +465,16 @@ def test_the_git_revision_is_elbojax_own_not_an_enclosing_repository(tmp_path, m
     assert cli._git_revision() == head  # a tracked checkout, also inside a larger repository
 
 
-def test_ctrl_c_during_training_is_a_resumable_stop_without_a_traceback(tmp_path, monkeypatch, capsys):
-    restore_fetching = interrupt_fetching(monkeypatch, call=2)
+@pytest.mark.parametrize("signum", [None, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_training_is_a_resumable_stop_without_a_traceback(tmp_path, monkeypatch, capsys, signum):
+    restore_fetching = interrupt_fetching(monkeypatch, call=2, signum=signum)
     run_dir = tmp_path / "r"
     with pytest.raises(SystemExit) as stop:
         cli.main(["train", "--run-dir", str(run_dir), *TINY[:2], "--steps-per-call", "5", "--checkpoint-every", "10", *TINY[6:]])
-    assert stop.value.code == 130
+    assert stop.value.code == (143 if signum else 130)  # 128 + the signal, as a shell reports it
     err = capsys.readouterr().err
     assert "checkpointed step 5" in err and f"elbojax train --run-dir {run_dir} --resume" in err
+    assert f"elbojax: {'terminated' if signum else 'interrupted'}; continue" in err and "Traceback" not in err
     restore_fetching()
     assert cli.main(["train", "--run-dir", str(run_dir), "--resume", "--no-progress", *QUICK_EVAL]) == 0
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
@@ -483,13 +486,13 @@ def test_the_command_exits_with_130_on_ctrl_c_at_once():
     code = (
         "import sys; from elbojax import cli\n"
         "def interrupted(argv=None):\n"
-        "    raise KeyboardInterrupt if sys.argv[1] == 'raw' else SystemExit(130)\n"
+        "    raise KeyboardInterrupt if sys.argv[1] == 'raw' else SystemExit(int(sys.argv[1]))\n"
         "cli.main = interrupted\n"
         "cli.console_main()\n"
     )
-    for how in ("raw", "handled"):
+    for how, status in (("raw", 130), ("130", 130), ("143", 143)):  # 143: SIGTERM during training
         result = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 130 and "Traceback" not in result.stderr, (how, result.stderr[-2000:])
+        assert result.returncode == status and "Traceback" not in result.stderr, (how, result.stderr[-2000:])
         assert ("elbojax: interrupted" in result.stderr) == (how == "raw")
     ok = subprocess.run([sys.executable, "-m", "elbojax.cli", "train", "--steps", "0"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 1 and "--steps must be >= 1" in ok.stderr  # other exits are as before

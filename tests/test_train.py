@@ -1,5 +1,7 @@
 """The pure training step: it raises the bound, skips non-finite steps, and is a function of position."""
 
+import signal
+
 import distrax
 import jax
 import jax.numpy as jnp
@@ -195,24 +197,24 @@ def _fit(run_dir, num_steps):
     return train.fit(graphdef, state, optax.adam(1e-2), per_point, IMAGES, run_dir=run_dir, config=CONFIG._replace(num_steps=num_steps), progress=False)
 
 
-def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_while_a_checkpoint_is_written_waits_for_it(tmp_path, monkeypatch, signum):
     """Interrupted, orbax left the checkpoint unfinished and could not write it again: fit's
     Ctrl-C handler failed with an OSError and the steps since the last checkpoint were lost."""
     import os
-    import signal
 
     import orbax.checkpoint as ocp
 
     real_save, saves = ocp.CheckpointManager.save, []
 
-    def save_with_ctrl_c(self, step, *args, **kwargs):
+    def save_with_signal(self, step, *args, **kwargs):
         saves.append(step)
         if len(saves) == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the second checkpoint starts
+            os.kill(os.getpid(), signum)  # as the second checkpoint starts
         return real_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", save_with_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_with_signal)
+    with pytest.raises(train.Terminated if signum == signal.SIGTERM else KeyboardInterrupt):
         _fit(tmp_path / "r", 40)
     assert saves == [10, 20]  # written once each, then the interruption
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
@@ -239,22 +241,42 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     assert kept == ["30", "40"], kept  # the last two
 
 
-def test_ctrl_c_checkpoints_the_last_recorded_call_and_the_resume_is_exact(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum", [None, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_checkpoints_the_last_recorded_call_and_the_resume_is_exact(tmp_path, monkeypatch, capsys, signum):
     """Interrupted during the fourth call (steps 15-20; the last checkpoint is step 10): step 15 is
-    checkpointed, so no work is lost, and the resumed run equals the uninterrupted one."""
+    checkpointed, so no work is lost, and the resumed run equals the uninterrupted one. SIGTERM,
+    which a batch scheduler sends before it kills a job, ended the process at once: the steps
+    since step 10 were lost."""
     import json
 
     whole = _fit(tmp_path / "whole", 40)
-    restore_fetching = interrupt_fetching(monkeypatch, call=4)
-    with pytest.raises(KeyboardInterrupt):
+    restore_fetching = interrupt_fetching(monkeypatch, call=4, signum=signum)
+    with pytest.raises(train.Terminated if signum else KeyboardInterrupt):
         _fit(tmp_path / "split", 40)
-    assert "interrupted: checkpointed step 15" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # fit's handler is gone
+    assert f"{'terminated' if signum else 'interrupted'}: checkpointed step 15" in capsys.readouterr().err
     assert sorted(int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir()) == [10, 15]
     restore_fetching()
     resumed = _fit(tmp_path / "split", 40)
     _assert_same_params(resumed, whole)
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5, 45, 5))
+
+
+def test_a_sigterm_handler_of_the_callers_own_is_left_in_place(tmp_path, monkeypatch):
+    """`fit` turns SIGTERM into `Terminated` only where it has its default action."""
+    caught = []
+
+    def own(signum, frame):
+        caught.append(signum)
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        interrupt_fetching(monkeypatch, call=2, signum=signal.SIGTERM)
+        assert int(_fit(tmp_path / "r", 20).step) == 20  # not stopped
+        assert caught == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_metrics_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path):
