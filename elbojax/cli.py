@@ -10,9 +10,11 @@ brings a trained model back in Python with one call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -177,6 +179,20 @@ def _parse(argv):
     return args
 
 
+@contextlib.contextmanager
+def _naming_the_config_file(args):
+    """A refused setting that came from the --config file, not the command line, is said to:
+    "--latent-dim must be >= 1, got 0 (set in --config F)" (it read as a flag never typed)."""
+    try:
+        yield
+    except SystemExit as error:
+        from_file = getattr(args, "given", set()) - getattr(args, "typed", set())
+        named = {flag.replace("-", "_") for flag in re.findall(r"--([a-z][a-z-]*)", str(error.code))}
+        if args.config is None or not isinstance(error.code, str) or not named & from_file:
+            raise
+        raise SystemExit(f"{error.code} (set in --config {args.config})") from None
+
+
 def _user_path(text: str) -> Path:
     """A folder flag's value with "~" expanded, also where no shell does it (`--run-dir=~/runs`,
     a --config file, a run's config.json)."""
@@ -236,6 +252,10 @@ def _settings(settings, actions: dict, source: str) -> dict:
         action = actions[name]
         if name == "hidden" and isinstance(value, list):
             value = ",".join(str(v) for v in value)
+        if name == "devices" and value is not None and not isinstance(value, str):  # the flag is a string for "all"
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SystemExit(f"elbojax: {source}: devices must be a positive integer or 'all', got {value!r}")
+            value = str(value)  # {"devices": 2} as --devices 2
         value = _setting(action, name, value, source)
         if action.choices is not None and value not in action.choices:
             raise SystemExit(f"elbojax: {source}: {name} must be one of {list(action.choices)}, got {value!r}")
@@ -739,8 +759,9 @@ def _restored_for_command(run_dir: Path, config: dict, dataset, mesh=None):
 def _train(args) -> int:
     from elbojax import distributed, train
 
-    config = _config_from(args)
-    mesh = _start_devices(args)
+    with _naming_the_config_file(args):
+        config = _config_from(args)
+        mesh = _start_devices(args)
     config = _resolve_run(args, config)
     if config["batch_size"] % mesh.size:
         raise SystemExit(f"elbojax: the batch size ({config['batch_size']}) must be a multiple of the number of devices ({mesh.size})")

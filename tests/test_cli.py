@@ -498,6 +498,33 @@ def test_the_command_exits_with_130_on_ctrl_c_at_once():
     assert ok.returncode == 1 and "--steps must be >= 1" in ok.stderr  # other exits are as before
 
 
+def test_a_config_file_gives_devices_as_a_number_or_a_string(tmp_path):
+    """`{"devices": 2}` was refused ("must be a string"): the flag is a string only for "all"."""
+    config = tmp_path / "config.json"
+    for value, parsed in ((2, "2"), ("2", "2"), ("all", "all")):
+        config.write_text(json.dumps({"devices": value}))
+        assert cli._parse(["train", "--run-dir", str(tmp_path / "r"), "--config", str(config)]).devices == parsed
+    config.write_text(json.dumps({"devices": True}))
+    with pytest.raises(SystemExit, match=r"config.json: devices must be a positive integer or 'all', got True"):
+        cli._parse(["train", "--run-dir", str(tmp_path / "r"), "--config", str(config)])
+
+
+def test_a_refused_setting_from_a_config_file_says_so(tmp_path):
+    """It read as a flag that was never typed ("--latent-dim must be >= 1")."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"latent_dim": 0, "hidden": "8,x", "seed": 1}))
+    base = ["train", "--run-dir", str(tmp_path / "r"), "--config", str(config)]
+    with pytest.raises(SystemExit, match=rf"--latent-dim must be >= 1, got 0 \(set in --config {config}\)$"):
+        cli.main(base)
+    with pytest.raises(SystemExit, match=rf"--hidden must be comma-separated positive integers, got '8,x' \(set in --config {config}\)$"):
+        cli.main([*base, "--latent-dim", "2"])
+    with pytest.raises(SystemExit, match=r"--latent-dim must be >= 1, got -1$"):  # typed: as before
+        cli.main([*base, "--latent-dim", "-1"])
+    with pytest.raises(SystemExit, match=r"--steps must be >= 1, got 0$"):  # typed, the file's settings being fine
+        cli.main([*base, "--latent-dim", "2", "--hidden", "8", "--steps", "0"])
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_config_files_settings_that_would_do_nothing_are_not_refused(tmp_path):
     """Another run's config.json records every setting; only typed flags that would do nothing are refused."""
     config = tmp_path / "config.json"
