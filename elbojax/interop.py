@@ -242,6 +242,8 @@ class NumPyroProposal:
 
     def sample_and_log_prob(self, *, seed, sample_shape=()):
         """`(z, log q(z))`: `z` a dict of the latent sites, each with leading `sample_shape`."""
+        if isinstance(seed, int):  # as distrax accepts
+            seed = jax.random.PRNGKey(seed)
         shape = _checks.sample_shape(sample_shape)
         if not shape:
             return self._sample_one(seed)

@@ -195,7 +195,7 @@ class MultivariateNormalDiag(distrax.MultivariateNormalDiag):
     def sample_and_log_prob(self, *, seed, sample_shape=()):
         if isinstance(seed, int):
             seed = jax.random.PRNGKey(seed)
-        shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        shape = _checks.sample_shape(sample_shape)  # an int (Python, NumPy, 0-d JAX) or a sequence
         loc, scale = self.loc, self.scale_diag
         noise = normal(seed, shape + self.batch_shape + self.event_shape, loc.dtype)
         log_prob = -jnp.sum(0.5 * noise**2 + jnp.log(scale) + 0.5 * LOG_2PI, axis=-1)

@@ -149,6 +149,19 @@ def test_numpyro_proposal_is_the_guide(adapted):
     np.testing.assert_allclose(log_probs, log_qs, rtol=1e-12)
 
 
+
+def test_numpyro_proposal_takes_an_int_seed_as_distrax_does(adapted):
+    """With a sample shape, an int seed reached `jax.random.split` raw (a TypeError)."""
+    adapter, _ = adapted
+    q = adapter.proposal(off_posterior_params(Y))
+    for sample_shape, shape in (((), ()), (3, (3,)), (np.int64(3), (3,)), ((3, 2), (3, 2))):
+        z, log_q = q.sample_and_log_prob(seed=0, sample_shape=sample_shape)
+        z_key, log_q_key = q.sample_and_log_prob(seed=jax.random.PRNGKey(0), sample_shape=sample_shape)
+        assert log_q.shape == shape
+        np.testing.assert_array_equal(log_q, log_q_key)
+        np.testing.assert_array_equal(z["b"], z_key["b"])
+
+
 NUM_SAMPLES = 4
 
 

@@ -339,6 +339,9 @@ def test_a_vae_part_without_its_interface_is_a_type_error_naming_it():
         ({"init_mean": float("inf")}, ValueError, r"`init_mean` must be finite, got inf"),
         ({"init_mean": jnp.array([0.0, jnp.nan, 0.0, 0.0])}, ValueError, r"`init_mean` must be finite, got \["),
         ({"init_mean": "0"}, TypeError, r"`init_mean` must be a real number or array, got '0'"),
+        # Stored as (2, 3, 4) pseudo-inputs, or a bare broadcasting error: now named here.
+        ({"init_mean": np.zeros((2, 3, 4))}, ValueError, r"`init_mean` must broadcast to the pseudo-inputs' shape \(num_components, data_dim\) = \(3, 4\) .*got shape \(2, 3, 4\)"),
+        ({"init_std": np.full(5, 0.1)}, ValueError, r"`init_std` must broadcast .* = \(3, 4\) .*got shape \(5,\)"),
     ],
 )
 def test_vamp_prior_refuses_pseudo_input_settings_that_are_not_finite(setting, error, match):
@@ -347,6 +350,16 @@ def test_vamp_prior_refuses_pseudo_input_settings_that_are_not_finite(setting, e
         VampPrior(encoder, 3, rngs=nnx.Rngs(1), **setting)
     # A 0-d JAX number and one value per pixel are fine.
     assert VampPrior(encoder, 3, rngs=nnx.Rngs(1), init_mean=jnp.full(4, 0.1), init_std=jnp.array(0.02)).pseudo_inputs.shape == (3, 4)
+
+
+def test_vamp_prior_pseudo_inputs_take_param_dtype():
+    """`init_mean` and `init_std` decided their dtype (a per-pixel float64 NumPy mean made a
+    float32 prior float64 under x64; bfloat16 was refused as "not a real number")."""
+    encoder = GaussianMLPEncoder(4, 2, (3,), rngs=nnx.Rngs(0))
+    for init_mean, param_dtype in ((np.full(4, 0.1, np.float32), jnp.bfloat16), (jnp.asarray(0.1, jnp.float16), jnp.float32),
+                                   (jnp.full((3, 4), 0.1, jnp.bfloat16), jnp.float32)):
+        prior = VampPrior(encoder, 3, rngs=nnx.Rngs(1), init_mean=init_mean, param_dtype=param_dtype)
+        assert prior.pseudo_inputs.dtype == param_dtype and prior.pseudo_inputs.shape == (3, 4)
 
 
 def test_vamp_prior_shares_the_encoder_parameters():

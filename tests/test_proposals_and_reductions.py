@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from tensorflow_probability.substrates import jax as tfp
 
 import elbojax as ej
@@ -179,3 +180,17 @@ def test_finite_uniform_log_prob_checks_the_event_shape():
             q.log_prob(jnp.zeros(shape))
     z, log_q = q.sample_and_log_prob(seed=jax.random.key(0), sample_shape=np.int64(3))
     assert z.shape == (3, 2, 3) and log_q.shape == (3,)
+
+
+def test_the_models_proposals_take_a_numpy_or_jax_int_sample_shape():
+    """As distrax does; `tuple(np.int64(3))` raised a TypeError."""
+    x = jnp.ones(10)
+    encoder = ej.models.GaussianMLPEncoder(10, 3, (8,), rngs=nnx.Rngs(0))
+    two_layer = ej.models.TwoLayerVAE(10, (4, 3), hidden_q=((8,), (8,)), hidden_p=((8,), (8,)), rngs=nnx.Rngs(0))
+    for q in (encoder(x), two_layer.proposal(x)):
+        expected = q.sample_and_log_prob(seed=jax.random.key(1), sample_shape=3)
+        for sample_shape in (np.int64(3), jnp.asarray(3), (np.int64(3),)):
+            got = q.sample_and_log_prob(seed=jax.random.key(1), sample_shape=sample_shape)
+            assert got[1].shape == (3,)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+                np.testing.assert_array_equal(a, b)

@@ -66,7 +66,7 @@ class HierarchicalProposal:
     def sample_and_log_prob(self, *, seed, sample_shape=()):
         if isinstance(seed, int):  # as distrax accepts
             seed = jax.random.PRNGKey(seed)
-        sample_shape = (sample_shape,) if isinstance(sample_shape, int) else tuple(sample_shape)
+        sample_shape = _checks.sample_shape(sample_shape)  # an int (Python, NumPy, 0-d JAX) or a sequence
         key_first, key_second = jax.random.split(seed)
         z1, log_q1 = self.first.sample_and_log_prob(seed=key_first, sample_shape=sample_shape)
         keys = jax.random.split(key_second, sample_shape) if sample_shape else key_second

@@ -106,6 +106,14 @@ class MixturePrior(nnx.Module):
         return _diag_mixture(self.logits[...], self.locs[...], jnp.exp(self.log_scales[...]))
 
 
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of `shape` broadcasts to `target` without changing it."""
+    try:
+        return np.broadcast_shapes(shape, target) == target
+    except ValueError:
+        return False
+
+
 class VampPrior(nnx.Module):
     r"""The VampPrior, the encoder's mixture at learned pseudo-inputs: $p(z) = \frac1K \sum_{k=1}^K q_\phi(z \mid u_k)$.
 
@@ -125,8 +133,9 @@ class VampPrior(nnx.Module):
         `loc_and_scale(x) -> (loc, scale)` for one `x`).
       num_components: $K$.
       rngs: the initialisation randomness (for the pseudo-inputs).
-      init_mean, init_std: of the pseudo-inputs' initial values.
-      param_dtype: dtype of the pseudo-inputs.
+      init_mean, init_std: of the pseudo-inputs' initial values: numbers, or arrays that broadcast
+        to `(num_components, data_dim)` (one per pixel, say).
+      param_dtype: dtype of the pseudo-inputs (whatever the dtype of `init_mean` and `init_std`).
 
     References:
       Tomczak & Welling, *VAE with a VampPrior*, AISTATS 2018, https://arxiv.org/abs/1705.07120
@@ -151,14 +160,21 @@ class VampPrior(nnx.Module):
         self.encoder = encoder
         self.latent_dim = encoder.latent_dim
         self.num_components = _checks.check_positive_int(num_components, "num_components")
+        shape = (self.num_components, encoder.data_dim)
         for name, value, least in (("init_mean", init_mean, -math.inf), ("init_std", init_std, 0.0)):
-            values = np.asarray(value)  # a number, or one per pixel
-            if values.dtype == np.bool_ or not np.issubdtype(values.dtype, np.number):
+            values = np.asarray(value)  # a number, one per pixel, or one per pseudo-input pixel
+            if not jnp.issubdtype(values.dtype, jnp.number) or jnp.issubdtype(values.dtype, jnp.complexfloating):
                 raise TypeError(f"`{name}` must be a real number or array, got {value!r}.")
+            if not _broadcasts_to(values.shape, shape):
+                raise ValueError(
+                    f"`{name}` must broadcast to the pseudo-inputs' shape (num_components, data_dim) = {shape} "
+                    f"(a number, or one per pixel), got shape {values.shape}."
+                )
             if not (np.all(np.isfinite(values)) and np.all(values >= least)):
                 raise ValueError(f"`{name}` must be finite{' and >= 0' if least == 0 else ''}, got {value}.")
-        noise = jax.random.normal(rngs.params(), (self.num_components, encoder.data_dim), param_dtype)
-        self.pseudo_inputs = nnx.Param(init_mean + init_std * noise)
+        noise = jax.random.normal(rngs.params(), shape, param_dtype)
+        # In `param_dtype`, whatever the dtype of `init_mean` and `init_std`.
+        self.pseudo_inputs = nnx.Param(jnp.asarray(init_mean, param_dtype) + jnp.asarray(init_std, param_dtype) * noise)
 
     def components(self):
         r"""$(\mu_\phi(u_k), \sigma_\phi(u_k))_{k=1}^K$, each of shape `(K, latent_dim)`."""
