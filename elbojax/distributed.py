@@ -192,12 +192,28 @@ def _checked_axis(ndim, axis) -> tuple[int, int]:
     return ndim, int(axis)
 
 
-def check_divisible(size: int, mesh: Mesh, what: str) -> None:
-    """A sharded axis must split evenly over the devices."""
-    if size % mesh.size:
+def data_axis_size(mesh: Mesh) -> int:
+    """Into how many shares the mesh's `"data"` axis splits a batch (a mesh without one is refused).
+
+    The whole mesh's size for `data_mesh`'s; for a mesh of your own with more axes, the batch is
+    split over `"data"` and the same on the other axes.
+    """
+    shape = dict(getattr(mesh, "shape", {}))
+    if DATA_AXIS not in shape:
         raise ValueError(
-            f"{what} ({size}) must be a multiple of the number of devices ({mesh.size}): each device "
-            "takes an equal share of it."
+            f"The mesh must have a {DATA_AXIS!r} axis, over which batches are split "
+            f"(elbojax.distributed.data_mesh makes one), got axes {tuple(getattr(mesh, 'axis_names', ()))}."
+        )
+    return int(shape[DATA_AXIS])
+
+
+def check_divisible(size: int, mesh: Mesh, what: str) -> None:
+    """A sharded axis must split evenly over the mesh's `"data"` axis."""
+    shares = data_axis_size(mesh)
+    if size % shares:
+        raise ValueError(
+            f"{what} ({size}) must be a multiple of the number of devices along the mesh's {DATA_AXIS!r} "
+            f"axis ({shares}): each takes an equal share of it."
         )
 
 

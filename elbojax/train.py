@@ -716,8 +716,8 @@ def fit(
       config: a `FitConfig`.
       progress: show a tqdm progress bar with the running bound.
       mesh: a `jax.sharding.Mesh` with a `"data"` axis (`elbojax.distributed.data_mesh`): the
-        state is replicated on its devices and each batch split over them; `config.batch_size`
-        must be a multiple of the device count. Default: the first device.
+        state is replicated on its devices and each batch split over its `"data"` axis;
+        `config.batch_size` must be a multiple of that axis's size. Default: the first device.
       observed: optional `bool (N, D)`, or `(D,)` for the same entries in every example, True
         where an entry was observed: the others reach the
         objective as NaN (after binarization), which only an objective that accepts missing
@@ -1159,9 +1159,10 @@ def evaluate(
 
     The K-sample importance estimate is chunked (`chunk_size` samples at a time) and mapped over
     data points with `lax.map`, which bounds memory and, on CPU, is faster than vmapping the
-    whole set at once (the evaluation is memory-bound). With a `mesh`, the points are split over
-    its devices (each maps over its own share; the set is padded to a multiple of the device
-    count and the padding dropped). Point i's key is `fold_in(key(seed), i)` on any mesh.
+    whole set at once (the evaluation is memory-bound). With a `mesh` (one with a `"data"` axis),
+    the points are split over that axis (each device maps over its own share; the set is padded
+    to a multiple of the axis's size and the padding dropped). Point i's key is
+    `fold_in(key(seed), i)` on any mesh.
     """
     from jax.sharding import PartitionSpec
 
@@ -1179,6 +1180,7 @@ def evaluate(
     if data.ndim != 2 or data.shape[0] < 1:
         raise ValueError(f"`data` must have shape (N, D) with N >= 1, got {data.shape}.")
     mesh = distributed.data_mesh(1) if mesh is None else mesh
+    distributed.data_axis_size(mesh)  # a mesh without a "data" axis is refused here
     base = jax.random.key(seed)
 
     def per_point(params, index, x):
@@ -1210,7 +1212,8 @@ def evaluate(
     points = PartitionSpec(distributed.DATA_AXIS)
     run = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=(PartitionSpec(), points, points), out_specs=points))
     num_points = data.shape[0]
-    padded = -(-num_points // mesh.size) * mesh.size
+    shares = distributed.data_axis_size(mesh)
+    padded = -(-num_points // shares) * shares
     rows = np.concatenate([data, np.zeros((padded - num_points, data.shape[1]), data.dtype)]).astype(np.float32)
     xs = distributed.shard_rows(rows.shape, mesh, lambda block: rows[block])
     indices = distributed.shard_rows((padded,), mesh, lambda block: np.arange(padded, dtype=np.uint32)[block])

@@ -129,10 +129,17 @@ def test_sharded_evaluation_equals_one_device():
 def test_bad_device_settings(tmp_path):
     with pytest.raises(ValueError, match=r"Asked for 64 devices, but JAX sees"):
         distributed.data_mesh(64)
-    with pytest.raises(ValueError, match=r"must be a multiple of the number of devices \(4\)"):
-        class FourDevices:
-            size = 4
+    class FourDevices:
+        shape, axis_names, size = {"data": 4}, ("data",), 4
+
+    class TwoByTwo:  # a mesh of the user's own: the batch is split over "data" only
+        shape, axis_names, size = {"data": 2, "model": 2}, ("data", "model"), 4
+
+    with pytest.raises(ValueError, match=r"`batch_size` \(10\) must be a multiple of the number of devices along the mesh's 'data' axis \(4\)"):
         distributed.check_divisible(10, FourDevices, "`batch_size`")
+    distributed.check_divisible(10, TwoByTwo, "`batch_size`")  # refused before: 10 is not a multiple of 4 devices
+    with pytest.raises(ValueError, match=r"The mesh must have a 'data' axis, .*got axes \('batch',\)"):
+        distributed.check_divisible(10, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("batch",)), "`batch_size`")
     with pytest.raises(ValueError, match=r"missing: coordinator, num_processes, process_id"):
         distributed.initialize()
     with pytest.raises(ValueError, match=r"'host:port'"):
@@ -154,7 +161,7 @@ def test_bad_device_settings(tmp_path):
     with pytest.raises(TypeError, match=r"`num_devices` must be an int >= 1, got True"):
         distributed.data_mesh(True)
     assert distributed.data_mesh(np.int64(1)).size == 1
-    with pytest.raises(ValueError, match=r"The size of axis 0 \(5\) must be a multiple of the number of devices \(4\)"):
+    with pytest.raises(ValueError, match=r"The size of axis 0 \(5\) must be a multiple of the number of devices along the mesh.s .data. axis \(4\)"):
         distributed.shard_rows((5, 3), FourDevices, lambda index: None)
 
 
