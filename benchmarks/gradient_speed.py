@@ -116,9 +116,10 @@ def time_steps(steps, params, opt_state, batch, rounds, repeats):
     for _ in range(rounds):
         for name, step in steps.items():
             start = time.perf_counter()
-            for step_key in keys:
-                out = step(params, opt_state, step_key, batch)
-            jax.block_until_ready(out)
+            state = (params, opt_state)
+            for step_key in keys:  # chained, as in training: each call waits for the one before
+                *state, _ = step(*state, step_key, batch)
+            jax.block_until_ready(state)
             times[name].append((time.perf_counter() - start) / repeats)
     return {name: statistics.median(t) for name, t in times.items()}
 
