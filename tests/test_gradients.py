@@ -360,6 +360,18 @@ def test_vimco_signals_with_zero_weights_match_the_definition(x64, log_weights):
     np.testing.assert_allclose(signals, _vimco_reference(log_weights), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("offset", [-1e2, -1e4, 3e3])
+def test_float32_vimco_signals_of_large_log_weights_keep_their_digits(offset):
+    """The signals do not depend on a constant added to every log-weight; computed from the
+    absolute numbers, at -1e4 and K = 100 they were off by 3% of their norm (cancellation)."""
+    rng = np.random.default_rng(0)
+    log_weights = (rng.standard_normal(100) + offset).astype(np.float32)
+    wide = log_weights.astype(np.float64)  # the same float32 inputs, in float64,
+    exact = _vimco_reference(wide - wide.max())  # shifted (exactly) so that numpy's exp does not underflow
+    got = np.asarray(jax.jit(ej.gradients.vimco_signals)(jnp.asarray(log_weights)), np.float64)
+    assert np.linalg.norm(got - exact) / np.linalg.norm(exact) < 1e-4
+
+
 def test_vimco_signals_check_their_input():
     """K = 1 gave [nan]; integers an OverflowError; a (2, 2) array a concatenate error."""
     with pytest.raises(ValueError, match=r"shape \(K,\) with K >= 2 .* got shape \(1,\)"):
