@@ -78,7 +78,8 @@ def renyi_bound(
     Args:
       key, x, log_joint, proposal, num_samples, chunk_size: as `elbojax.log_weights`.
       alpha: a Python float.
-      gradient: `"reparam"` or `"stl"`.
+      gradient: `"reparam"` or `"stl"` (biased for $\alpha \ne 1$, as IWAE-STL is: its
+        dropped score term is weighted by the normalised weights; unbiased at $\alpha = 1$, the ELBO).
 
     Returns:
       A scalar.
@@ -113,7 +114,8 @@ def combination_iwae_bound(
     Args:
       key, x, log_joint, proposal, num_samples, chunk_size: as `elbojax.log_weights`.
       beta: the ELBO's weight, a Python float in $[0, 1]$.
-      gradient: `"reparam"` or `"stl"`.
+      gradient: `"reparam"` or `"stl"` (biased for $\beta < 1$, as IWAE-STL is; unbiased at
+        $\beta = 1$, the ELBO).
 
     Returns:
       A scalar.

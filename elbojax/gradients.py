@@ -8,15 +8,16 @@ encoder) and the proposal can be any distribution.
 | `gradient=` | objectives | proposal parameters $\phi$ get | model parameters $\theta$ get |
 |---|---|---|---|
 | `"reparam"` | all | the pathwise gradient | $\nabla_\theta$ of the objective |
-| `"stl"` | `elbo`, `iwae_bound`, `renyi_bound`, `combination_iwae_bound` | the pathwise gradient without the score term of $\log q$ (Roeder et al. 2017); for IWAE this is IWAE-STL, which is **biased** (Tucker et al. 2019) | unchanged |
+| `"stl"` | `elbo`, `iwae_bound`, `renyi_bound`, `combination_iwae_bound` | the pathwise gradient without the score term of $\log q$ (Roeder et al. 2017); unbiased for the ELBO, but for IWAE this is IWAE-STL, which is **biased** (Tucker et al. 2019), and so are Rényi ($\alpha \ne 1$) and CIWAE ($\beta < 1$) | unchanged |
 | `"dreg"` | `iwae_bound` | $\sum_k \tilde w_k^2\, \frac{\partial \ell_k}{\partial z_k}\frac{\partial z_k}{\partial\phi}$ (Tucker et al. 2019) | $\sum_k \tilde w_k \nabla_\theta \log p(x, z_k)$ |
 | `"score"` | `elbo`, `iwae_bound` | REINFORCE, with a baseline (below) | unchanged |
 | `"vimco"` | `iwae_bound` | REINFORCE with VIMCO's multi-sample leave-one-out baseline (Mnih & Rezende 2016) | unchanged |
 
 Here $\ell_k = \log p(x, z_k) - \log q(z_k)$ and $\tilde w_k = e^{\ell_k} / \sum_j e^{\ell_j}$.
 STL and DReG drop the score term because its mean, $\mathbb{E}_q[\nabla_\phi \log q_\phi(z)]$,
-is 0; that holds only where the support of $q_\phi$ does not move with $\phi$, so a `Uniform`
-proposal is refused for them (`score_free_message`).
+is 0; that holds only where the support of $q_\phi$ does not move with $\phi$, so a `Uniform`,
+a `Pareto` and the other families whose support a parameter sets are refused for them
+(`score_free_message`).
 
 **Building blocks.**
 
@@ -268,11 +269,27 @@ def not_reparameterizable_message(proposal, asker: str) -> str:
     )
 
 
+# The families (distrax or TFP, by name) whose support one of their parameters sets.
+_MOVING_SUPPORT = {
+    "Uniform": "[low, high]",
+    "Triangular": "[low, high]",
+    "PERT": "[low, high]",
+    "Bates": "[low, high]",
+    "TruncatedNormal": "[low, high]",
+    "TruncatedCauchy": "[low, high]",
+    "Pareto": "[scale, inf)",
+    "HalfCauchy": "[loc, inf)",
+    "HalfStudentT": "[loc, inf)",
+    "GeneralizedPareto": "from loc (and to loc - scale / concentration for a negative concentration)",
+    "GeneralizedExtremeValue": "bounded at loc - scale / concentration",
+}
+
+
 def _moving_support_part(distribution):
-    """The (innermost) part of `distribution` whose support its parameters set (a distrax or
-    TFP `Uniform` on [low, high]), or None. TFP's wrappers (`Independent`,
-    `TransformedDistribution`) are looked inside too."""
-    if type(distribution).__name__ == "Uniform":
+    """The (innermost) part of `distribution` whose support its parameters set (`_MOVING_SUPPORT`:
+    a `Uniform` on [low, high], a `Pareto` on [scale, inf), ...), or None. TFP's wrappers
+    (`Independent`, `TransformedDistribution`) are looked inside too."""
+    if type(distribution).__name__ in _MOVING_SUPPORT:
         return distribution
     wrapped = getattr(distribution, "distribution", None)
     inner = _inner_parts(distribution) or ([wrapped] if callable(getattr(wrapped, "log_prob", None)) else [])
@@ -280,20 +297,29 @@ def _moving_support_part(distribution):
 
 
 def score_free_message(proposal, gradient: str) -> str | None:
-    r"""Why `gradient` (`"stl"` or `"dreg"`) would be biased for `proposal`, or None if it is not.
+    r"""Why `gradient` (`"stl"` or `"dreg"`) would be biased for `proposal`, or None if nothing says so.
 
     STL and DReG drop the score term $\nabla_\phi \log q_\phi(z)$ because its mean is 0, which
     holds only where the support of $q_\phi$ does not move with $\phi$. For a `Uniform` on
-    $[a, b]$ it is $-\nabla_\phi \log(b - a)$: STL was off by $-1/b$ exactly. The pathwise
-    gradient itself (`"reparam"`) stays right.
+    $[a, b]$ it is $-\nabla_\phi \log(b - a)$: STL was off by $-1/b$ exactly; for a `Pareto` of
+    concentration $\alpha$ on $[s, \infty)$ it is $\alpha / s$. The pathwise gradient itself
+    (`"reparam"`) stays right.
+
+    The families whose support a parameter sets are refused by name (`Uniform`, `Triangular`,
+    `PERT`, `Bates`, `TruncatedNormal`, `TruncatedCauchy`, `Pareto`, `HalfCauchy`,
+    `HalfStudentT`, `GeneralizedPareto`, `GeneralizedExtremeValue`, also inside TFP's wrappers),
+    even where that parameter is a constant: elbojax cannot tell. What it cannot see is a
+    bounded distribution moved by a learned bijector (a `Beta` scaled by a learned factor):
+    there the caller must know that the support is fixed.
     """
-    if _moving_support_part(_unwrapped(proposal)) is None:
+    part = _moving_support_part(_unwrapped(proposal))
+    if part is None:
         return None
     return (
         f"gradient={gradient!r} drops the score term of log q, whose mean is 0 only where the "
         f"proposal's support does not move with its parameters; {_part_name(proposal, _moving_support_part)} "
-        "has its support [low, high] set by its parameters, and where they are learned the gradient would be "
-        "biased. Use gradient='reparam' (where they are constants it is the same gradient)."
+        f"has its support {_MOVING_SUPPORT[type(part).__name__]} set by its parameters, and where they are "
+        "learned the gradient would be biased. Use gradient='reparam' (unbiased either way)."
     )
 
 

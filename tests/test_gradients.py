@@ -519,6 +519,27 @@ def test_stl_and_dreg_refuse_a_proposal_whose_support_moves_with_its_parameters(
     assert abs(grad) < 4 * (1 / 12) ** 0.5 / 20_000 ** 0.5  # sd of d(-z)/db = -u is sqrt(1/12); 4 standard errors
 
 
+def test_stl_and_dreg_refuse_the_other_families_whose_support_a_parameter_sets(x64):
+    """Only a type named "Uniform" was refused. For q = Pareto(alpha, s) on [s, inf) and
+    p(z) = e^{-z}, STL gave d ELBO / ds = 6.50 where it is exactly 0.50; reparam is unbiased."""
+    from tensorflow_probability.substrates import jax as tfp
+
+    tfd, alpha = tfp.distributions, 3.0
+    log_joint = lambda x, z: -jnp.sum(z)
+    for q in (tfd.Pareto(alpha, 0.5), tfd.Independent(tfd.TruncatedNormal(jnp.zeros(2), 1.0, -1.0, 1.0), 1),
+              tfd.HalfCauchy(0.0, 1.0), tfd.Triangular(0.0, 1.0, 0.5)):
+        name = type(q.distribution if isinstance(q, tfd.Independent) else q).__name__
+        with pytest.raises(ValueError, match=rf"gradient='stl' drops the score term .*{name}\)? has its support .* set by its parameters"):
+            ej.elbo(jax.random.key(0), None, log_joint, q, gradient="stl")
+        with pytest.raises(ValueError, match=rf"gradient='dreg' drops the score term .*{name}"):
+            ej.iwae_bound(jax.random.key(0), None, log_joint, q, num_samples=2, gradient="dreg")
+    # The exact gradient of ELBO(s) = -alpha s / (alpha - 1) + log(s / alpha) + 1 / alpha + 1 at s = 0.5.
+    exact = -alpha / (alpha - 1) + 1 / 0.5
+    keys = jax.random.split(jax.random.key(0), 20_000)
+    grad = jax.vmap(jax.grad(lambda s, key: ej.elbo(key, None, log_joint, tfd.Pareto(alpha, s), num_samples=4)), in_axes=(None, 0))
+    assert_within_se(grad(0.5, keys), exact, "reparam, Pareto")
+
+
 def test_partial_iwae_names_itself_when_it_refuses_a_discrete_proposal():
     with pytest.raises(ValueError, match=r"^partial_iwae_bound needs a reparameterizable proposal, but Categorical"):
         ej.partial_iwae_bound(jax.random.key(0), jnp.zeros(()), lambda x, z: 0.0, distrax.Categorical(logits=jnp.zeros(3)), num_groups=2, num_samples=2)
