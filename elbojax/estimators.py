@@ -151,20 +151,35 @@ def _chunks(num_samples: int, chunk_size: int | None) -> tuple[int, int, int]:
 
 
 def _fold_chunks(chunk_fn, combine_fn, problem: _Problem):
-    """Reduce `chunk_fn(start, count)` over the chunks with `combine_fn`, in a rematerialised scan."""
+    """Reduce `chunk_fn(start, count)` over the chunks with `combine_fn`.
+
+    The chunks' summaries come from a rematerialised `lax.map` (one chunk's samples in memory at
+    a time, also in the backward pass) and are combined pairwise, in a tree: a running total
+    carried through the chunks gathered one rounding per chunk, and in float32 the ELBO of
+    K = 20000 log-weights near -1e5 moved by 1.7 nats between chunks of 10 and one chunk.
+    """
     chunk, num_full, remainder = _chunks(problem.num_samples, problem.chunk_size)
-    accumulated = chunk_fn(0, chunk)
-    if num_full > 1:
-
-        @jax.checkpoint
-        def step(carry, start):
-            return combine_fn(carry, chunk_fn(start, chunk)), None
-
-        starts = jnp.arange(1, num_full, dtype=jnp.uint32) * chunk
-        accumulated, _ = jax.lax.scan(step, accumulated, starts)
+    if num_full == 1:
+        accumulated = chunk_fn(0, chunk)
+    else:
+        starts = jnp.arange(num_full, dtype=jnp.uint32) * chunk
+        accumulated = _pairwise(combine_fn, jax.lax.map(jax.checkpoint(lambda start: chunk_fn(start, chunk)), starts))
     if remainder:
         accumulated = combine_fn(accumulated, chunk_fn(num_full * chunk, remainder))
     return accumulated
+
+
+def _pairwise(combine_fn, stacked):
+    """`combine_fn` over the leading axis of `stacked` (a pytree of `(n, ...)` leaves), as a tree of
+    depth log2(n): neighbours are combined at once (vmapped), an odd one out waits a level."""
+    size = jax.tree.leaves(stacked)[0].shape[0]
+    while size > 1:
+        half = size // 2
+        merged = jax.vmap(combine_fn)(jax.tree.map(lambda a: a[:half], stacked), jax.tree.map(lambda a: a[half : 2 * half], stacked))
+        if size % 2:
+            merged = jax.tree.map(lambda m, a: jnp.concatenate([m, a[2 * half :]]), merged, stacked)
+        stacked, size = merged, half + size % 2
+    return jax.tree.map(lambda a: a[0], stacked)
 
 
 def _map_chunks(chunk_fn, problem: _Problem):

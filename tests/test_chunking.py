@@ -96,6 +96,22 @@ def test_peak_memory_grows_with_chunk_size_not_with_num_samples(with_gradient):
     assert chunked_large_k < 1.5 * chunked_small_k + 100_000
 
 
+@pytest.mark.parametrize("estimator", ["elbo", "iwae"])
+def test_many_float32_chunks_do_not_gather_rounding(estimator):
+    """A total carried through the chunks took one rounding per chunk: in float32 the ELBO of
+    K = 20000 log-weights near -1e5 was 1.69 nats off with chunks of 10 (0.24 with 100)."""
+    q = distrax.MultivariateNormalDiag(jnp.zeros(2), jnp.ones(2))
+    log_joint = lambda x, z: -1e5 - 0.45 * jnp.sum(z**2)
+    key, num = jax.random.key(0), 20_000
+    log_weights = np.asarray(ej.log_weights(key, None, log_joint, q, num_samples=num), np.float64)
+    reference = {"elbo": log_weights.mean(), "iwae": np.logaddexp.reduce(log_weights) - np.log(num)}[estimator]
+    fn = {"elbo": ej.elbo, "iwae": ej.iwae_bound}[estimator]
+    ulp = np.spacing(np.float32(1e5))
+    for chunk_size in (10, 100, 1000):
+        value = float(jax.jit(lambda k: fn(k, None, log_joint, q, num_samples=num, chunk_size=chunk_size))(key))
+        assert abs(value - reference) < 4 * ulp, (chunk_size, value - reference)
+
+
 def test_first_k_samples_of_a_larger_draw_are_the_k_sample_draw(problem):
     model, x, mean, scale = problem
     q = distrax.MultivariateNormalDiag(mean, scale)
