@@ -60,6 +60,16 @@ def _grid(images, columns: int):
     return canvas
 
 
+def _metrics_record(line: str) -> dict | None:
+    """One line of `metrics.jsonl`, or None for a line that is not a whole record (the last line
+    of a run killed while writing it, which a resume drops)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
 def training_curve(run_dir: Path) -> Path | None:
     """The training objective and the KL per step from `metrics.jsonl` (and the KL weight when annealed).
 
@@ -69,7 +79,7 @@ def training_curve(run_dir: Path) -> Path | None:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = [record for record in map(_metrics_record, metrics.read_text().splitlines()) if record is not None]
     if not records:
         return None
     steps = [r["step"] for r in records]
@@ -142,7 +152,7 @@ def latent_space(run_dir: Path, model, test, labels) -> Path | None:
         points, axes = means, ("z1", "z2")
     elif means.shape[1] == 1:  # a 1-D latent: z1 against the label (or on a line)
         other = np.zeros(len(means)) if labels is None else np.asarray(labels, float)
-        points, axes = np.column_stack([means[:, 0], other]), ("z1", "digit" if labels is not None else "")
+        points, axes = np.column_stack([means[:, 0], other]), ("z1", "class" if labels is not None else "")
     else:
         centred = means - means.mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
@@ -150,10 +160,13 @@ def latent_space(run_dir: Path, model, test, labels) -> Path | None:
         points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
         axes = ("principal component 1", "principal component 2")
     fig, ax = plt.subplots(figsize=(6, 5))
-    colours = {} if labels is None else {"c": labels, "cmap": "tab10"}
+    colours, num_classes = {}, 0
+    if labels is not None:  # class c has colour c whichever classes the points happen to include
+        num_classes = max(10, int(np.max(labels)) + 1)
+        colours = {"c": labels, "cmap": "tab10" if num_classes == 10 else "tab20", "vmin": -0.5, "vmax": num_classes - 0.5}
     scatter = ax.scatter(points[:, 0], points[:, 1], s=6, **colours)
     if labels is not None:
-        fig.colorbar(scatter, ax=ax, label="digit")
+        fig.colorbar(scatter, ax=ax, label="class", ticks=range(num_classes))
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
     ax.set_title("latent space: E_q[z | x] of test points")

@@ -55,3 +55,26 @@ def test_training_curve_without_metrics_is_no_plot_and_a_single_record_shows(tmp
     blue = (np.abs(image - np.array([0.12, 0.47, 0.71])) < 0.08).all(-1)  # matplotlib's C0
     orange = (np.abs(image - np.array([1.0, 0.5, 0.05])) < 0.08).all(-1)  # C1
     assert blue.sum() > 20 and orange.sum() > 20
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_left_out_of_the_curve(tmp_path):
+    """`elbojax evaluate` died with a JSONDecodeError traceback on it (a resume drops such a line)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "objective": -500.0, "kl": 3.0, "kl_weight": 1.0}\n{"step": 20, "objec')
+    assert plots.training_curve(tmp_path).exists()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "objec')
+    assert plots.training_curve(tmp_path) is None  # nothing whole to draw
+
+
+def test_a_class_keeps_its_colour_whichever_classes_are_plotted(tmp_path, monkeypatch):
+    """The colours spanned the labels present: with classes 2, 5, 6 and 9 only, class 2 took
+    class 0's colour, and the colour bar said "digit" for Fashion-MNIST too."""
+    import matplotlib.axes
+    import matplotlib.figure
+
+    scattered, bars = [], []
+    real_scatter, real_colorbar = matplotlib.axes.Axes.scatter, matplotlib.figure.Figure.colorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", lambda self, *a, **k: scattered.append(k) or real_scatter(self, *a, **k))
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar", lambda self, *a, **k: bars.append(k) or real_colorbar(self, *a, **k))
+    plots.latent_space(tmp_path, _vae(2), TEST[:4], np.array([9, 6, 2, 5]))
+    assert (scattered[-1]["vmin"], scattered[-1]["vmax"], scattered[-1]["cmap"]) == (-0.5, 9.5, "tab10")
+    assert bars[-1]["label"] == "class" and list(bars[-1]["ticks"]) == list(range(10))
