@@ -318,6 +318,9 @@ def _config_from(args) -> dict:
     for name in ("kl_warmup", "lr_warmup"):
         if getattr(args, name) < 0:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("steps", "kl_warmup", "lr_warmup"):  # compared with the step counter, an int32
+        if getattr(args, name) >= 2**31:
+            raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be < 2**31 (steps are counted in int32), got {getattr(args, name)}")
     if args.eval_points < 0:
         raise SystemExit(f"elbojax: --eval-points must be >= 0 (0 for all), got {args.eval_points}")
     _check_seed_flag(args.seed)
@@ -344,7 +347,7 @@ def _config_from(args) -> dict:
     if not args.resume and given_and_set("prior_components") and (args.model == "two-layer" or args.prior == "standard"):
         prior = "the two-layer model's own" if args.model == "two-layer" else "standard"
         raise SystemExit(f"elbojax: --prior-components applies to --prior mixture or vamp (of --model vae); this run's prior is {prior}")
-    if not args.resume and args.data == "embedded" and (given_and_set("data_dir") or args.download):
+    if args.data == "embedded" and (given_and_set("data_dir") or args.download):  # on --resume too: the run's data
         others = ", ".join(choice for choice in DATA_CHOICES if choice != "embedded")
         raise SystemExit(f"elbojax: --data embedded is shipped inside the package; --data-dir and --download apply to --data {others}")
     config = {name: getattr(args, name) for name in (
@@ -404,24 +407,38 @@ def _optimizer(config: dict):
     return make[config.get("optimizer", "adam")](_learning_rate(config))
 
 
+# The data sets on files, and their loaders in `elbojax.data`.
+_LOADERS = {"mnist": "load_mnist", "fashion-mnist": "load_fashion_mnist", "binarized-mnist": "load_binarized_mnist"}
+
+
 def _load_dataset(name: str, data_dir, download: bool):
     """The data set `name` (its loader's own errors: `FileNotFoundError`, `ValueError`, ...)."""
     from elbojax import data
 
     if name == "embedded":
         return data.load_embedded_mnist()
-    loaders = {"mnist": data.load_mnist, "fashion-mnist": data.load_fashion_mnist, "binarized-mnist": data.load_binarized_mnist}
-    return loaders[name](data_dir, download=download)
+    return getattr(data, _LOADERS[name])(data_dir, download=download)
 
 
-def _load_data(name: str, data_dir, download: bool):
-    """`_load_dataset` for the command line: its errors as one line."""
+def _load_data(name: str, data_dir, download: bool, command: str = "train"):
+    """`_load_dataset` for the command line: its errors as one line, with the remedy `command` has."""
     try:
         return _load_dataset(name, data_dir, download)
     except (OSError, ValueError) as error:  # missing, corrupt or truncated files; a failed download
         # The loaders' remedies (a missing or corrupt file) name their Python argument.
-        hint = " (on the command line: `elbojax train --download`, or --data-dir FOLDER)" if "download=True" in str(error) else ""
-        raise SystemExit(f"elbojax: --data {name}: {error}{hint}") from None
+        hint = ""
+        if "download=True" in str(error):
+            hint = (" (on the command line: add --download, or give --data-dir FOLDER)" if command == "train" else
+                    f" (give --data-dir FOLDER, or fetch the files once: python -c \"from elbojax import data; data.{_LOADERS[name]}(download=True)\")")
+        source = f"--data {name}" if command == "train" else f"this run's data ({name})"
+        raise SystemExit(f"elbojax: {source}: {error}{hint}") from None
+
+
+def _data_dir_for(args, config: dict):
+    """The data folder of `evaluate` or `impute`: --data-dir, else the run's own; refused for embedded data."""
+    if args.data_dir is not None and config["data"] == "embedded":
+        raise SystemExit(f"elbojax: --data-dir applies to runs on {', '.join(_LOADERS)}; this run's data are the embedded subset, shipped in the package")
+    return args.data_dir or config.get("data_dir")
 
 
 def _test_data(images, config: dict):
@@ -815,7 +832,7 @@ def _evaluate(args) -> int:
         raise SystemExit("elbojax: --gap-points and --gap-steps must be >= 1")
     if args.gap_flow and config["latent_dim"] < 2:
         raise SystemExit(f"elbojax: --gap-flow fits a coupling flow, which needs a latent of 2 or more dimensions; this run's has {config['latent_dim']} (--gaps alone works)")
-    dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
+    dataset = _load_data(config["data"], _data_dir_for(args, config), False, "evaluate")
     mesh = _start_devices(args)
     graphdef, params = nnx.split(_restored_for_command(args.run_dir, config, dataset, mesh), nnx.Param)
     _evaluate_and_report(args.run_dir, graphdef, params, dataset, config, args.eval_samples, args.eval_points, mesh)
@@ -863,7 +880,7 @@ def _impute(args) -> int:
             raise SystemExit(f"elbojax: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     _check_seed_flag(args.seed)
     config = _run_config(args.run_dir)
-    dataset = _load_data(config["data"], args.data_dir or config.get("data_dir"), False)
+    dataset = _load_data(config["data"], _data_dir_for(args, config), False, "impute")
     model = _restored_for_command(args.run_dir, config, dataset)
     test = _test_data(dataset.test.images, config)
     test = test[spread(test.shape[0], args.points)]

@@ -187,6 +187,10 @@ def test_incompatible_or_accidental_reuse_of_a_run_folder(run, flags, message):
         (["--model", "two-layer", "--prior-components", "7"], r"--prior-components applies .*the two-layer model's own"),
         (["--data-dir", "/nonexistent"], r"--data embedded is shipped inside the package; --data-dir and --download apply to --data mnist"),
         (["--download"], r"--data-dir and --download apply to --data mnist"),
+        # An OverflowError traceback in the first step, the run folder already written:
+        (["--lr-warmup", "3000000000"], r"--lr-warmup must be < 2\*\*31 \(steps are counted in int32\), got 3000000000"),
+        (["--kl-warmup", str(2**31)], r"--kl-warmup must be < 2\*\*31"),
+        (["--steps", str(2**31)], r"--steps must be < 2\*\*31"),
         (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32\), got -1"),
         (["--seed", str(2**32 + 7)], r"--seed must be in \[0, 2\*\*32\)"),
     ],
@@ -227,14 +231,21 @@ def test_evaluation_points_are_spread_over_the_test_set():
 def test_data_errors_and_a_run_without_a_checkpoint_are_clear_errors(run, tmp_path):
     """A missing data file names --download; evaluate and impute on a run killed before its
     first checkpoint say so (they were tracebacks)."""
-    with pytest.raises(SystemExit, match=r"elbojax: --data mnist: Data file .* not found.*elbojax train --download"):
+    with pytest.raises(SystemExit, match=r"elbojax: --data mnist: Data file .* not found.*\(on the command line: add --download, or give --data-dir FOLDER\)"):
         cli.main(["train", "--run-dir", str(tmp_path / "r"), "--data", "mnist", "--data-dir", str(tmp_path / "empty")])
     corrupt = tmp_path / "corrupt"
     (corrupt / "binarized_mnist").mkdir(parents=True)
     for split in ("train", "valid", "test"):
         (corrupt / "binarized_mnist" / f"binarized_mnist_{split}.amat").write_text("0 1\n")
-    with pytest.raises(SystemExit, match=r"elbojax: --data binarized-mnist: .*sha256.*download=True.* \(on the command line: `elbojax train --download`"):
+    with pytest.raises(SystemExit, match=r"elbojax: --data binarized-mnist: .*sha256.*download=True.* \(on the command line: add --download"):
         cli.main(["train", "--run-dir", str(tmp_path / "r"), "--data", "binarized-mnist", "--data-dir", str(corrupt)])
+    # evaluate and impute have no --download (and `elbojax train --download` was refused with the
+    # default embedded data): they name --data-dir and the loader that downloads.
+    on_files = _copy_run(run, tmp_path / "on_files", lambda c: {**c, "data": "mnist", "data_dir": str(tmp_path / "empty")})
+    for command in ("evaluate", "impute"):
+        with pytest.raises(SystemExit, match=r"elbojax: this run's data \(mnist\): Data file .* not found.*\(give --data-dir FOLDER, or fetch the files once: "
+                                              r"python -c \"from elbojax import data; data.load_mnist\(download=True\)\"\)$"):
+            cli.main([command, str(on_files)])
     run_dir = tmp_path / "early"
     run_dir.mkdir()
     (run_dir / "config.json").write_text((run / "config.json").read_text())  # a run killed before its first checkpoint
@@ -411,6 +422,20 @@ def test_a_hand_edited_run_config_is_completed_and_checked(run, tmp_path):
         with pytest.raises(SystemExit, match=r"elbojax: .*other: .*does not fit .*encoder/loc_head/bias: \(2,\) stored, \(3,\) expected"):
             cli.main(command)
     assert records() == before
+
+
+def test_data_dir_and_download_are_refused_for_an_embedded_run_on_every_command(run, tmp_path):
+    """A resume accepted them and recorded the folder in config.json; evaluate and impute ignored
+    --data-dir without a word."""
+    folder = _copy_run(run, tmp_path / "embedded")
+    before = (folder / "config.json").read_text()
+    for flags in (["--data-dir", str(tmp_path)], ["--download"]):
+        with pytest.raises(SystemExit, match=r"--data embedded is shipped inside the package; --data-dir and --download apply to --data mnist"):
+            cli.main(["train", "--run-dir", str(folder), "--resume", "--steps", "40", "--no-progress", *flags])
+    assert (folder / "config.json").read_text() == before
+    for command in ("evaluate", "impute"):
+        with pytest.raises(SystemExit, match=r"--data-dir applies to runs on mnist, fashion-mnist, binarized-mnist; this run's data are the embedded subset"):
+            cli.main([command, str(folder), "--data-dir", str(tmp_path)])
 
 
 def test_a_damaged_environment_record_stops_a_resume_before_anything_is_rewritten(run, tmp_path):
