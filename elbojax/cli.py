@@ -604,7 +604,9 @@ def _resolve_run(args, config: dict) -> dict:
     ignored = [key for key in config if key in args.given and key not in ("steps", "data_dir", "eval_samples", "eval_points")
                and previous.get(key) != config[key]]
     if ignored and distributed.is_primary():
-        print(f"elbojax: resuming {run_dir} with its own settings; ignoring " + ", ".join(f"--{key.replace('_', '-')}" for key in ignored))
+        from_file = args.given - getattr(args, "typed", args.given)  # settings of the --config file
+        named = lambda key: f"--{key.replace('_', '-')}" + (f" (set in --config {args.config})" if key in from_file else "")
+        print(f"elbojax: resuming {run_dir} with its own settings; ignoring " + ", ".join(named(key) for key in ignored))
     return previous
 
 

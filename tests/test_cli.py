@@ -65,7 +65,10 @@ def test_a_plain_resume_takes_the_runs_own_model_settings(run, capsys):
     assert json.loads((run / "config.json").read_text())["latent_dim"] == 2
     # Given flags are recognised however they are spelled: --flag=value and abbreviations.
     assert cli.main(["train", "--run-dir", str(run), "--resume", "--beta=3", "--lr-warm", "5", "--latent-dim=2", *quick]) == 0
-    assert "ignoring --beta, --lr-warmup" in capsys.readouterr().out
+    assert "ignoring --beta, --lr-warmup\n" in capsys.readouterr().out
+    config = _config_file(run.parent, {"lr_warmup": 7})  # from a --config file: said so
+    assert cli.main(["train", "--run-dir", str(run), "--resume", "--beta=3", "--config", config, *quick]) == 0
+    assert f"ignoring --beta, --lr-warmup (set in --config {config})\n" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"cannot resume .*latent_dim: checkpoint 2, flags 3"):
         cli.main(["train", "--run-dir", str(run), "--resume", "--latent-d=3", *quick])
     with pytest.raises(SystemExit, match=r"cannot resume .*hidden: checkpoint \[32\], flags \[8\]"):
