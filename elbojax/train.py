@@ -276,6 +276,11 @@ def objective(
             )
         if mode == "analytic":
             _require(model, ("log_likelihood", "analytic_kl"), "The analytic-KL ELBO")
+            if free_bits is not None and not _takes(model.analytic_kl, "per_dimension"):
+                raise ValueError(
+                    f"Free bits need the KL per latent dimension, `analytic_kl(x, per_dimension=True)`; "
+                    f"{type(model).__name__}.analytic_kl takes no `per_dimension`."
+                )
             return True
         if free_bits is not None:
             raise ValueError(f"Free bits need the KL in closed form, and {type(model).__name__} has none here (kl_mode is {mode!r}).")

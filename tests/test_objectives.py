@@ -211,6 +211,9 @@ def test_a_custom_model_with_only_analytic_kl_of_x_trains_and_evaluates():
     for gradient in ["score", "stl", "bogus"]:  # the closed form has the reparameterisation gradient only
         with pytest.raises(ValueError, match=rf"kl='analytic' \(the closed-form KL\) has only the reparameterisation gradient; got gradient='{gradient}'"):
             train.objective("elbo", kl="analytic", gradient=gradient)(_keys(), model, _batch(), jnp.asarray(0))
+    # Free bits need the KL per dimension, which `analytic_kl(x)` alone does not give (a bare TypeError).
+    with pytest.raises(ValueError, match=r"Free bits need the KL per latent dimension, `analytic_kl\(x, per_dimension=True\)`; _KLOnlyModel.analytic_kl takes no"):
+        train.objective("elbo", kl="analytic", free_bits=0.1)(_keys(), model, _batch(), jnp.asarray(0))
 
 
 def test_mixture_prior_reports_a_sampled_kl():
