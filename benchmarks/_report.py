@@ -2,6 +2,8 @@
 
 `benchmarks/report.py` gathers these files into the results section of `benchmarks/README.md`,
 so every number there comes from a run, with the date, the machine and the versions it ran on.
+A script started with `run(main)` that fails (an exception, a non-zero exit) writes
+`<name>.failed.md` instead, and the last good report stays as it was.
 """
 
 from __future__ import annotations
@@ -51,6 +53,26 @@ def capture(out_dir: Path, name: str, command: str, *, quick: bool) -> None:
 
     def write():
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        Path(out_dir, f"{name}.md").write_text(f"{header}\n\n```text\n{copy.getvalue().rstrip()}\n```\n")
+        suffix = ".failed.md" if _outcome["failed"] else ".md"
+        Path(out_dir, f"{name}{suffix}").write_text(f"{header}\n\n```text\n{copy.getvalue().rstrip()}\n```\n")
 
     atexit.register(write)
+
+
+_outcome = {"failed": False}
+
+
+def run(main) -> None:
+    """Run a benchmark's `main()`; if it fails, its report is written as `<name>.failed.md`.
+
+    A failed run's report held partial tables (the error went to stderr), and `report.py` put it
+    into the README as the latest results.
+    """
+    try:
+        main()
+    except SystemExit as stop:
+        _outcome["failed"] = stop.code not in (None, 0)
+        raise
+    except BaseException:
+        _outcome["failed"] = True
+        raise

@@ -452,6 +452,20 @@ def run_studies(setups, key, settings: Settings, progress: bool) -> dict[str, Mo
     return studies
 
 
+# What "zero up to float rounding" may be, in nats, for log p(x) of the size of these models' (tens of nats).
+ROUNDING = {"float32": 1e-3, "float64": 1e-9}
+
+
+def check_results(setups, studies, worst_posterior_rmse: float, tolerance: float) -> None:
+    """Fail (exit status 1, after the tables) where a check that must be 0 is not."""
+    failed = [f"{setup.title}: {name} {gap:.3g}" for setup in setups
+              for name, gap in studies[setup.title].gaps.items() if not gap <= tolerance]
+    if not worst_posterior_rmse <= tolerance:
+        failed.append(f"exact posterior: largest RMSE {worst_posterior_rmse:.3g}")
+    if failed:
+        raise SystemExit(f"FAILED: above float rounding ({tolerance:g} nats): " + "; ".join(failed))
+
+
 def format_checks(setups, studies) -> str:
     lines = [
         f"Checks, first replicate at K={CHECK_SAMPLES}: |difference| of estimator functions that "
@@ -639,6 +653,7 @@ def main(argv=None) -> None:
         for k in settings.sample_counts
     )
     print(f"Exact posterior: largest RMSE {worst:.2g} nats, i.e. zero up to float rounding.")
+    check_results(setups, studies, worst, tolerance=ROUNDING[jnp.dtype(dtype).name])
 
     args.out.mkdir(parents=True, exist_ok=True)
     std_path = args.out / "estimator_variance_std.png"
@@ -652,4 +667,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _report.run(main)

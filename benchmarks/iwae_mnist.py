@@ -30,7 +30,7 @@ when it exists, else elbojax's data folder; `--download` fetches them).
 
 Usage::
 
-    python benchmarks/iwae_mnist.py                 # 10 epochs: about a minute of training per epoch and row on 2 CPU cores
+    python benchmarks/iwae_mnist.py                 # 10 epochs: about a minute per epoch for the whole table on 2 CPU cores
     python benchmarks/iwae_mnist.py --epochs 3      # shorter
     python benchmarks/iwae_mnist.py --quick         # tiny, embedded data, to check that it runs
 """
@@ -285,4 +285,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _report.run(main)

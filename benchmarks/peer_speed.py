@@ -274,4 +274,4 @@ def time_workloads(sizes, rounds: int, quick: bool, modes, workloads) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    _report.run(main)

@@ -139,4 +139,4 @@ def time_workloads(sizes, rounds: int, quick: bool, workloads) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    _report.run(main)

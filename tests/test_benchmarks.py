@@ -135,3 +135,49 @@ def test_report_copies_full_size_reports_only(tmp_path):
     text = readme.read_text()
     assert "### Against the peers" in text and "W2 1.00" in text and "old" not in text and text.endswith("tail\n")
     assert "gradient_snr" not in text
+
+
+@pytest.mark.parametrize("how", ["returns", "raise SystemExit('FAILED: a check')", "raise AssertionError", "raise SystemExit(0)"])
+def test_a_failed_benchmark_writes_its_report_as_failed(tmp_path, how):
+    """A failed run's report (partial tables, the error on stderr) was written as the report,
+    which report.py then put into the README as the latest results."""
+    script = tmp_path / "bench.py"
+    body = "pass" if how == "returns" else how
+    script.write_text(
+        f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "import _report\n"
+        "def main():\n"
+        f"    _report.capture({str(tmp_path)!r}, 'bench', 'python bench.py', quick=False)\n"
+        "    print('a table')\n"
+        f"    {body}\n"
+        "_report.run(main)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    ok = how in ("returns", "raise SystemExit(0)")
+    assert (result.returncode == 0) == ok, result.stderr
+    written = tmp_path / ("bench.md" if ok else "bench.failed.md")
+    assert written.exists() and "a table" in written.read_text()
+    assert not (tmp_path / ("bench.failed.md" if ok else "bench.md")).exists()
+
+
+def test_estimator_variance_fails_where_a_check_that_must_be_0_is_not():
+    """Its checks were printed only: 5 nats off, the script still said 'zero up to float rounding' and exited 0."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import estimator_variance as ev
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    class Setup:
+        title = "linear Gaussian"
+
+    class Study:
+        gaps = {"naive MC vs table": 0.0, "ELBO vs table": 5e-6}
+
+    ev.check_results([Setup], {"linear Gaussian": Study}, 1e-5, tolerance=ev.ROUNDING["float32"])  # passes
+    Study.gaps = {"naive MC vs table": 5.0}
+    with pytest.raises(SystemExit, match=r"FAILED: above float rounding \(0.001 nats\): linear Gaussian: naive MC vs table 5"):
+        ev.check_results([Setup], {"linear Gaussian": Study}, 1e-5, tolerance=ev.ROUNDING["float32"])
+    Study.gaps = {}
+    with pytest.raises(SystemExit, match=r"exact posterior: largest RMSE 0.5"):
+        ev.check_results([Setup], {"linear Gaussian": Study}, 0.5, tolerance=ev.ROUNDING["float32"])
