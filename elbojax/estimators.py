@@ -29,8 +29,9 @@ weights are negligible and a rare sample dominates: the estimate jumps.
 
 **Chunking.** `chunk_size=c` draws and reduces the $K$ samples $c$ at a time: a `lax.map`
 summarises each chunk (its log-sum-exp, its sum) and the summaries are combined pairwise, so
-peak memory grows with $c$, not with $K$. Sample $k$'s key is `fold_in(key, k)` on every path, so the same key gives the same
-samples and, up to float rounding, the same value for any `chunk_size`; and the first $K$
+peak memory grows with $c$, not with $K$. Sample $k$'s key is `fold_in(key, k)` on every path,
+so the same key gives the same samples and, up to float rounding, the same value for any
+`chunk_size`; and the first $K$
 samples of a $K' > K$ draw are exactly the $K$-sample draw (so one `log_weights` call at the
 largest $K$ serves a whole sweep over $K$). This holds for Threefry keys, JAX's default; with
 `impl="rbg"` keys JAX's draws under `vmap` differ from single ones, so the samples then depend
