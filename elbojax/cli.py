@@ -20,7 +20,9 @@ from pathlib import Path
 
 # What a resumed run must share with its checkpoint (the parameters' and optimizer state's structure).
 RESUME_FIXED_KEYS = ("data", "model", "latent_dim", "hidden", "prior", "prior_components", "decoder", "optimizer")
-DATA_CHOICES = ("embedded", "mnist", "fashion-mnist", "binarized-mnist")
+# The data sets on files, and their loaders in `elbojax.data`; "embedded" ships in the package.
+_LOADERS = {"mnist": "load_mnist", "fashion-mnist": "load_fashion_mnist", "binarized-mnist": "load_binarized_mnist"}
+DATA_CHOICES = ("embedded", *_LOADERS)
 DEFAULT_STEPS = 3000
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
 SCHEDULES = ("constant", "cosine", "exponential")
@@ -176,6 +178,7 @@ def _parse(argv):
         args = parser.parse_args(argv)
     args.given = given
     args.typed = typed
+    args.from_config = given - typed  # the --config file's settings, reported as such when refused or ignored
     return args
 
 
@@ -186,9 +189,8 @@ def _naming_the_config_file(args):
     try:
         yield
     except SystemExit as error:
-        from_file = getattr(args, "given", set()) - getattr(args, "typed", set())
         named = {flag.replace("-", "_") for flag in re.findall(r"--([a-z][a-z-]*)", str(error.code))}
-        if args.config is None or not isinstance(error.code, str) or not named & from_file:
+        if not isinstance(error.code, str) or not named & args.from_config:
             raise
         raise SystemExit(f"{error.code} (set in --config {args.config})") from None
 
@@ -348,8 +350,7 @@ def _config_from(args) -> dict:
         prior = "the two-layer model's own" if args.model == "two-layer" else "standard"
         raise SystemExit(f"elbojax: --prior-components applies to --prior mixture or vamp (of --model vae); this run's prior is {prior}")
     if args.data == "embedded" and (given_and_set("data_dir") or args.download):  # on --resume too: the run's data
-        others = ", ".join(choice for choice in DATA_CHOICES if choice != "embedded")
-        raise SystemExit(f"elbojax: --data embedded is shipped inside the package; --data-dir and --download apply to --data {others}")
+        raise SystemExit(f"elbojax: --data embedded is shipped inside the package; --data-dir and --download apply to --data {', '.join(_LOADERS)}")
     config = {name: getattr(args, name) for name in (
         "data", "model", "objective", "num_samples", "gradient", "kl", "kl_warmup", "beta", "free_bits",
         "latent_dim", "prior", "prior_components", "decoder", "optimizer", "learning_rate", "schedule",
@@ -405,10 +406,6 @@ def _optimizer(config: dict):
 
     make = {"adam": optax.adam, "adamw": optax.adamw, "adamax": optax.adamax, "rmsprop": optax.rmsprop, "sgd": optax.sgd}
     return make[config.get("optimizer", "adam")](_learning_rate(config))
-
-
-# The data sets on files, and their loaders in `elbojax.data`.
-_LOADERS = {"mnist": "load_mnist", "fashion-mnist": "load_fashion_mnist", "binarized-mnist": "load_binarized_mnist"}
 
 
 def _load_dataset(name: str, data_dir, download: bool):
@@ -604,8 +601,7 @@ def _resolve_run(args, config: dict) -> dict:
     ignored = [key for key in config if key in args.given and key not in ("steps", "data_dir", "eval_samples", "eval_points")
                and previous.get(key) != config[key]]
     if ignored and distributed.is_primary():
-        from_file = args.given - getattr(args, "typed", args.given)  # settings of the --config file
-        named = lambda key: f"--{key.replace('_', '-')}" + (f" (set in --config {args.config})" if key in from_file else "")
+        named = lambda key: f"--{key.replace('_', '-')}" + (f" (set in --config {args.config})" if key in args.from_config else "")
         print(f"elbojax: resuming {run_dir} with its own settings; ignoring " + ", ".join(named(key) for key in ignored))
     return previous
 
